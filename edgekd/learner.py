@@ -4,13 +4,14 @@
 
 # %% auto #0
 __all__ = ['EVENTS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'run_cbs', 'MetricsCB',
-           'format_record', 'plot_history', 'ProgressCB', 'Learner', 'SchedulerCB', 'TrackerCB', 'EarlyStoppingCB',
-           'CheckpointCB']
+           'format_record', 'plot_history', 'want_bars', 'ProgressCB', 'Learner', 'SchedulerCB', 'TrackerCB',
+           'EarlyStoppingCB', 'CheckpointCB']
 
-# %% ../nbs/03_learner.ipynb #88471b80
+# %% ../nbs/03_learner.ipynb #f1693ef8
 import io
 import math
 import numbers
+import os
 import sys
 import time
 import warnings
@@ -25,7 +26,7 @@ from torch import nn
 
 from .core import ArtifactError, ConfigError, atomic_write, check_choice, check_number, writable_dir
 
-# %% ../nbs/03_learner.ipynb #0df0becc
+# %% ../nbs/03_learner.ipynb #168e8899
 class CancelFitException(Exception):
     "Raise in a callback to stop training; `after_fit` still runs."
 
@@ -35,19 +36,19 @@ class CancelEpochException(Exception):
 class CancelBatchException(Exception):
     "Raise in a callback to skip the rest of this batch (e.g. the optimizer step); `after_batch` still runs."
 
-# %% ../nbs/03_learner.ipynb #ee69587f
+# %% ../nbs/03_learner.ipynb #b276f09a
 EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss',
           'after_backward', 'after_step', 'after_batch', 'after_train', 'before_validate', 'after_validate',
           'after_epoch', 'after_fit')
 _EVENT_SET = frozenset(EVENTS)
 
-# %% ../nbs/03_learner.ipynb #76e0f9fd
+# %% ../nbs/03_learner.ipynb #f9291485
 class Callback:
     "Base class of callbacks: define methods named after `EVENTS`, each taking the `Learner`; lower `order` runs first."
     order = 0
     def __repr__(self): return f"{type(self).__name__}(order={self.order})"
 
-# %% ../nbs/03_learner.ipynb #9442484e
+# %% ../nbs/03_learner.ipynb #44384316
 def run_cbs(cbs:Iterable[Callback], # the callbacks
             event:str, # the event name, one of `EVENTS`
             learn=None, # the learner, passed to each callback method
@@ -57,7 +58,7 @@ def run_cbs(cbs:Iterable[Callback], # the callbacks
         method = getattr(cb, event, None)
         if method is not None: method(learn)
 
-# %% ../nbs/03_learner.ipynb #7eb0b0f1
+# %% ../nbs/03_learner.ipynb #058db115
 def _item(x)->float:
     "A Python float from a scalar tensor (detached first) or a number."
     return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
@@ -68,7 +69,7 @@ def _n_correct(preds, targ):
     if targ.is_floating_point() or len(preds) != len(targ): return None
     return int((preds.argmax(1) == targ).sum())
 
-# %% ../nbs/03_learner.ipynb #1eecdbbd
+# %% ../nbs/03_learner.ipynb #2370439f
 class MetricsCB(Callback):
     "Append one record per epoch to `learn.history`: epoch (1-based), train_loss, valid_loss, valid_accuracy, seconds, lr."
     order = -10
@@ -91,7 +92,7 @@ class MetricsCB(Callback):
                                   seconds=time.perf_counter() - self.start,
                                   lr=opt.param_groups[0]['lr'] if opt is not None else None))
 
-# %% ../nbs/03_learner.ipynb #9f3795d8
+# %% ../nbs/03_learner.ipynb #999c33e8
 def format_record(rec:dict, # one record of `learn.history`
                   n_epochs:int|None=None, # total number of epochs, printed as "epoch 3/10"
                  )->str:
@@ -104,7 +105,7 @@ def format_record(rec:dict, # one record of `learn.history`
     if rec.get('seconds') is not None: parts.append(f"{rec['seconds']:.1f}s")
     return "  ".join(parts)
 
-# %% ../nbs/03_learner.ipynb #c410bf6d
+# %% ../nbs/03_learner.ipynb #aaa51486
 def plot_history(history:list, # `learn.history`: one dict per epoch
                  batch_losses:list|None=None, # per-batch training losses, drawn faintly (None: not drawn)
                  keys:tuple=('train_loss', 'valid_loss'), # per-epoch keys to draw
@@ -122,14 +123,20 @@ def plot_history(history:list, # `learn.history`: one dict per epoch
     ax.set_xlabel('epoch'); ax.set_ylabel('loss'); ax.grid(alpha=0.3); ax.legend()
     return fig
 
-# %% ../nbs/03_learner.ipynb #0e338cf5
+# %% ../nbs/03_learner.ipynb #84cd79f8
 def _in_notebook()->bool:
     "True inside a Jupyter kernel (where tqdm can draw a widget bar)."
     ipy = sys.modules.get('IPython')
     shell = ipy.get_ipython() if ipy is not None else None
     return shell is not None and any(c.__name__ == 'ZMQInteractiveShell' for c in type(shell).__mro__)
 
-# %% ../nbs/03_learner.ipynb #950ed9e8
+# %% ../nbs/03_learner.ipynb #ee110ed5
+def want_bars()->bool:
+    "True if progress bars should be drawn: stderr is a terminal or we run in a notebook, and $EDGEKD_PROGRESS != 'plain'."
+    if os.environ.get("EDGEKD_PROGRESS", "").lower() == "plain": return False
+    return getattr(sys.stderr, 'isatty', lambda: False)() or _in_notebook()
+
+# %% ../nbs/03_learner.ipynb #09b0b756
 class ProgressCB(Callback):
     "Show progress: tqdm bars in a terminal or notebook, otherwise one plain line per epoch; optionally plot the losses."
     order = 50
@@ -148,8 +155,7 @@ class ProgressCB(Callback):
 
     def before_fit(self, learn):
         self._close()
-        tty = getattr(sys.stderr, 'isatty', lambda: False)()
-        self.use_plain = self.plain if self.plain is not None else not (tty or _in_notebook())
+        self.use_plain = self.plain if self.plain is not None else not want_bars()
         self.losses, self.printed, self.fig = [], 0, None
         if not self.use_plain:
             if _in_notebook(): from tqdm.auto import tqdm
@@ -188,7 +194,7 @@ class ProgressCB(Callback):
         self._emit(learn); self._close()
         if self.plot: self.fig = plot_history(learn.history, self.losses)
 
-# %% ../nbs/03_learner.ipynb #dfa55b60
+# %% ../nbs/03_learner.ipynb #13a5e730
 def _check_cbs(cbs)->list:
     "Return `cbs` as a list of `Callback` instances; raise `ConfigError` otherwise, warn about misspelled events."
     cbs = [cbs] if isinstance(cbs, Callback) or isinstance(cbs, type) else list(cbs)
@@ -203,13 +209,13 @@ def _check_cbs(cbs)->list:
                               f"events are: {', '.join(EVENTS)}")
     return cbs
 
-# %% ../nbs/03_learner.ipynb #1b70f53e
+# %% ../nbs/03_learner.ipynb #2067040d
 def _merge_cbs(base:list, extra:list)->list:
     "`base + extra`, where an extra `MetricsCB`/`ProgressCB` replaces the one in `base`."
     drop = tuple(t for t in (MetricsCB, ProgressCB) if any(isinstance(c, t) for c in extra))
     return [c for c in base if not (drop and isinstance(c, drop))] + list(extra)
 
-# %% ../nbs/03_learner.ipynb #e9cd33dc
+# %% ../nbs/03_learner.ipynb #1fe46e04
 class Learner:
     "Train `model` on `dls.train` and validate on `dls.test`; everything beyond the bare loop is a callback."
     def __init__(self, model:nn.Module, # the model to train
@@ -243,7 +249,7 @@ class Learner:
         if event not in _EVENT_SET: check_choice(event, "event", EVENTS)
         run_cbs(self.cbs, event, self)
 
-# %% ../nbs/03_learner.ipynb #258b1a7f
+# %% ../nbs/03_learner.ipynb #8f66e7b8
 @patch
 def create_opt(self:Learner, lr:float|None=None, # learning rate (None: `self.lr`)
               ):
@@ -251,7 +257,7 @@ def create_opt(self:Learner, lr:float|None=None, # learning rate (None: `self.lr
     self.opt = self.opt_func(self.model.parameters(), lr=self.lr if lr is None else lr, weight_decay=self.wd)
     return self.opt
 
-# %% ../nbs/03_learner.ipynb #6f6874d4
+# %% ../nbs/03_learner.ipynb #850ccbc4
 @patch
 def _with_events(self:Learner, f, name, exc):
     "Fire before_{name}, run `f`, fire after_{name}; `exc` raised inside stops `f` but not after_{name}."
@@ -261,13 +267,13 @@ def _with_events(self:Learner, f, name, exc):
     except exc: pass
     self(f'after_{name}')
 
-# %% ../nbs/03_learner.ipynb #03c39eb9
+# %% ../nbs/03_learner.ipynb #0c8b07f0
 def _split_batch(batch):
     "`(xb, yb)` from a batch: `xb = batch[0]`, `yb = tuple(batch[1:])` (empty for unlabeled batches)."
     if isinstance(batch, torch.Tensor): return batch, ()
     return batch[0], tuple(batch[1:])
 
-# %% ../nbs/03_learner.ipynb #456d77fd
+# %% ../nbs/03_learner.ipynb #cb3df0ec
 _NO_LOSS = ("no loss to backpropagate: the batch has no labels (learn.yb is empty), so the default "
             "loss_func(preds, *yb) was not computed. Unlabeled data needs a callback that sets learn.loss "
             "in after_loss, such as a distillation callback (chapter 10).")
@@ -287,7 +293,7 @@ def _do_batch(self:Learner):
     self.opt.step()
     self('after_step')
 
-# %% ../nbs/03_learner.ipynb #6fd6496f
+# %% ../nbs/03_learner.ipynb #7d892997
 @patch
 def _do_phase(self:Learner, training:bool):
     self.training, self.dl = training, (self.dls.train if training else self.dls.test)
@@ -301,7 +307,7 @@ def _do_phase(self:Learner, training:bool):
             self._with_events(self._do_batch, 'batch', CancelBatchException)
     self(f'after_{name}')
 
-# %% ../nbs/03_learner.ipynb #d51fed70
+# %% ../nbs/03_learner.ipynb #6192f80c
 @patch
 def _do_epoch(self:Learner):
     self._do_phase(True)
@@ -312,7 +318,7 @@ def _do_fit(self:Learner):
     for self.epoch in range(self.n_epochs):
         self._with_events(self._do_epoch, 'epoch', CancelEpochException)
 
-# %% ../nbs/03_learner.ipynb #1079f879
+# %% ../nbs/03_learner.ipynb #847850e4
 @patch
 def fit(self:Learner, n_epochs:int, # number of epochs, an integer > 0
         lr:float|None=None, # learning rate for this fit (None: `self.lr`)
@@ -330,7 +336,7 @@ def fit(self:Learner, n_epochs:int, # number of epochs, an integer > 0
         self.cbs = saved
         self.model.eval()
 
-# %% ../nbs/03_learner.ipynb #0fce6a5a
+# %% ../nbs/03_learner.ipynb #81b7de98
 @patch
 def _eval_dl(self:Learner, dl):
     if dl is None: dl = self.dls.test
@@ -354,7 +360,7 @@ def get_preds(self:Learner, dl=None, # a DataLoader (None: `self.dls.test`)
     if not preds: raise ConfigError("get_preds got an empty DataLoader")
     return torch.cat(preds), (torch.cat(targs) if len(targs) == len(preds) else None)
 
-# %% ../nbs/03_learner.ipynb #3216a682
+# %% ../nbs/03_learner.ipynb #8abaca8f
 @patch
 def evaluate(self:Learner, dl=None, # a labeled DataLoader (None: `self.dls.test`)
             )->dict:
@@ -365,7 +371,7 @@ def evaluate(self:Learner, dl=None, # a labeled DataLoader (None: `self.dls.test
     n_ok = _n_correct(preds, targs)
     return dict(loss=float(self.loss_func(preds, targs)), accuracy=None if n_ok is None else n_ok / len(targs))
 
-# %% ../nbs/03_learner.ipynb #a2efe0a9
+# %% ../nbs/03_learner.ipynb #d59ec634
 def _cos(a, b, p): return b + (a - b) * (1 + math.cos(math.pi * p)) / 2   # a at p=0, b at p=1
 
 class SchedulerCB(Callback):
@@ -397,7 +403,7 @@ class SchedulerCB(Callback):
     def after_batch(self, learn):
         if learn.training: self.step += 1
 
-# %% ../nbs/03_learner.ipynb #90ae4ac3
+# %% ../nbs/03_learner.ipynb #f26bde46
 @patch
 def save(self:Learner, path:str|Path, # file to write (parent folders are created)
         )->Path:
@@ -408,7 +414,7 @@ def save(self:Learner, path:str|Path, # file to write (parent folders are create
     torch.save(self.model.state_dict(), buf)
     return atomic_write(path, buf.getvalue())
 
-# %% ../nbs/03_learner.ipynb #f4dbf55b
+# %% ../nbs/03_learner.ipynb #30044462
 @patch
 def load(self:Learner, path:str|Path, # a file written by `Learner.save`
         ):
@@ -426,7 +432,7 @@ def load(self:Learner, path:str|Path, # a file written by `Learner.save`
         raise ArtifactError(f"weights in {str(path)!r} do not fit this model: {msg}") from e
     return self
 
-# %% ../nbs/03_learner.ipynb #35e6dfe6
+# %% ../nbs/03_learner.ipynb #94d0654f
 class TrackerCB(Callback):
     "Track the best value of `learn.history[-1][monitor]` (lower is better for losses, higher otherwise)."
     order = 60
@@ -448,7 +454,7 @@ class TrackerCB(Callback):
         if better: self.best, self.best_epoch = v, rec['epoch']
         return better
 
-# %% ../nbs/03_learner.ipynb #4719e27b
+# %% ../nbs/03_learner.ipynb #5ccb4342
 class EarlyStoppingCB(TrackerCB):
     "Stop the fit (`CancelFitException`) after `patience` epochs without improvement; optionally restore the best weights."
     order = 70
@@ -475,7 +481,7 @@ class EarlyStoppingCB(TrackerCB):
     def after_fit(self, learn):
         if self.restore_best and self.best_state is not None: learn.model.load_state_dict(self.best_state)
 
-# %% ../nbs/03_learner.ipynb #f1a86ae1
+# %% ../nbs/03_learner.ipynb #cc07d1e0
 class CheckpointCB(TrackerCB):
     "Save the model's weights to `path` whenever the monitored value improves."
     order = 65

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Regenerate the outputs stored in the notebooks (what the docs show) by executing them for
+# real, slow cells included, then clean them the way CI checks.
+# Usage: bash scripts/execute_notebooks.sh [NOTEBOOK ...]   (default: every chapter; slow)
+set -euo pipefail
+cd "$(dirname "$0")/../nbs"
+export EDGEKD_PROGRESS=plain MPLBACKEND=module://matplotlib_inline.backend_inline
+py=${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/}
+[ -n "$py" ] || { [ -x ../.venv/bin/python ] && py=../.venv/bin/; }
+nbs=("$@"); [ ${#nbs[@]} -gt 0 ] || nbs=([0-9]*.ipynb)
+for nb in "${nbs[@]}"; do
+  nb=$(basename "$nb")
+  echo "executing $nb"
+  start=$SECONDS
+  "${py}jupyter" nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 "$nb" --log-level=WARN
+  "${py}nbdev_clean" --fname "$nb"
+  echo "  done in $((SECONDS - start)) s"
+done
