@@ -22,6 +22,12 @@ python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e 
   | grep -v "is ignored: it is neither a file nor a directory" || true
 python -c "import edgekd, nbdev; print('edgekd', edgekd.__version__, '| nbdev', nbdev.__version__)"
 
+step "ARM64 emulation tools (qemu-user >= 8.1, debootstrap) for the ARM check"
+if [ "$(id -u)" = 0 ]; then bash scripts/install_arm_tools.sh
+elif command -v sudo >/dev/null; then sudo bash scripts/install_arm_tools.sh
+else echo "installing qemu-user and debootstrap needs root: run 'sudo bash scripts/install_arm_tools.sh' once"; exit 1
+fi
+
 step "notebooks and library are in sync (nbdev_clean + nbdev_export change nothing)"
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   nbdev_clean

@@ -24,7 +24,7 @@ def test_help_lists_subcommands():
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "digits"
-    r = edgekd("run", "--epochs", "3", "--out", str(out))
+    r = edgekd("run", "--epochs", "3", "--out", str(out), "--arm-check", "off")
     assert r.returncode == 0, r.stderr
     return out, r
 
@@ -32,7 +32,7 @@ def short_run(tmp_path_factory):
 def test_run_writes_a_complete_report(short_run):
     out, r = short_run
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["report.json", "report.md", "tradeoff.png", "weights"]
+    assert names == ["bundle", "report.json", "report.md", "tradeoff.png", "weights"]
     assert sorted(p.name for p in (out / "weights").iterdir()) == ["student.pt", "student_kd.pt", "teacher.pt"]
     report = json.loads((out / "report.json").read_text())
     rows = {row["name"]: row for row in report["rows"]}
@@ -58,7 +58,7 @@ def test_weights_load_safely(short_run):
 
 def test_same_seed_same_numbers(short_run, tmp_path):
     out, _ = short_run
-    r = edgekd("run", "--epochs", "3", "--out", str(tmp_path / "again"), "--quiet")
+    r = edgekd("run", "--epochs", "3", "--out", str(tmp_path / "again"), "--quiet", "--no-export")
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
     acc = lambda p: [row["accuracy"] for row in json.loads((p / "report.json").read_text())["rows"]]
@@ -93,8 +93,28 @@ def test_failed_stage_leaves_no_output(tmp_path, monkeypatch):
         (run.dir / "report.md").write_text("looks complete but is not")
         raise RuntimeError("stage failed")
 
-    monkeypatch.setattr(pl, "STAGES", [("teacher", pl.stage_teacher), ("broken", broken)])
+    monkeypatch.setattr(pl, "default_stages", lambda cfg: [("teacher", pl.stage_teacher), ("broken", broken)])
     from edgekd.cli import main
     code = main(["run", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
     assert code == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_deploy_rebuilds_the_bundle_from_a_run(short_run, tmp_path):
+    out, _ = short_run
+    r = edgekd("deploy", str(out), "--out", str(tmp_path / "bundle"))
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "bundle" / "metadata.json").read_text())
+    assert meta["format"] == "edgekd-bundle" and "onnx" in meta["artifacts"]
+    import numpy as np
+    for key in meta["artifacts"]:   # same weights, same export: the same reference outputs as the run's own bundle
+        a = np.load(tmp_path / "bundle" / meta["reference"][key])
+        b = np.load(out / "bundle" / meta["reference"][key])
+        assert np.abs(a - b).max() <= 1e-5, key
+
+
+@pytest.mark.parametrize("cmd", ["deploy", "arm-check"])
+def test_not_a_run_or_bundle_is_one_line(tmp_path, cmd):
+    r = edgekd(cmd, str(tmp_path))
+    assert r.returncode != 0 and r.stderr.startswith("edgekd: error: ") and r.stderr.count("\n") == 1, r.stderr
     assert list(tmp_path.iterdir()) == []
