@@ -34,7 +34,7 @@ from .experiment import ExperimentResult, register_experiment, summarize, track
 from .kd import DistillationCB
 from .learner import Learner, SchedulerCB
 from .models import CNN, MLP, get_model
-from .profile import format_table, serialized_bytes
+from .profile import _eval_mode, format_table, serialized_bytes
 
 # %% auto #0
 __all__ = ['ARTIFACTS', 'PARITY_ATOL', 'PARITY_POINTS', 'PREDICT_TEMPLATE', 'PREPROCESSING', 'EDGE_DEVICE', 'RUNTIME_LABELS',
@@ -117,15 +117,6 @@ def _sample_shape(model:nn.Module, # the model to export
     if own is not None and tuple(own) != shape:
         raise ShapeError(f"input_shape {shape} does not match the model's input_shape {tuple(own)}")
     return shape
-
-@contextlib.contextmanager
-def _evaluating(model:nn.Module):
-    "Eval mode inside the block; every submodule's own training flag is restored afterwards."
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try: yield model
-    finally:
-        for m, t in modes: m.training = t
 
 def _example_input(shape:tuple, batch:int=2)->torch.Tensor:
     "Seeded standard-normal example batch (a private generator: exporting never moves the global RNG)."
@@ -222,7 +213,7 @@ def export_onnx(model:nn.Module, # the PyTorch model (put in eval mode during ex
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx"); os.close(fd)
     err = None
     try:
-        with _evaluating(model):
+        with _eval_mode(model):
             _check_forward(model, x)
             dyn = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
             with _quiet():
@@ -373,7 +364,7 @@ def torch_logits(model:nn.Module, # a PyTorch model
                 )->np.ndarray:
     "Logits of `model` (in eval mode, restored afterwards) as a float32 numpy array."
     x = torch.as_tensor(np.asarray(inputs, dtype=np.float32))
-    with _evaluating(model), torch.no_grad():
+    with _eval_mode(model), torch.no_grad():
         return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
 
 def accuracy(logits:np.ndarray, # (n, n_classes)
@@ -491,7 +482,7 @@ def export_tflite(model:nn.Module, # the PyTorch model (put in eval mode during 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tflite"); os.close(fd)
     err = None
     try:
-        with _evaluating(model):
+        with _eval_mode(model):
             _check_forward(model, x)
             with _quiet():
                 try: lt.convert(model, (x,)).export(tmp)
@@ -1100,7 +1091,7 @@ def benchmark_bundle(bundle:str|os.PathLike, # a bundle folder
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as d:
         d = Path(d); np.save(d/"x.npy", x)
         if model is not None:
-            with _evaluating(model), _quiet():
+            with _eval_mode(model), _quiet():
                 ep = torch.export.export(model, (torch.from_numpy(x[:2]),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
                 torch.export.save(ep, d/"model.pt2")
             (d/"torch_bench.py").write_text(_TORCH_BENCH)
