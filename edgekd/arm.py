@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from .core import ArtifactError, EdgeKDError, atomic_dir, check_choice, check_number, writable_dir
+from .export import EDGE_DEVICE, available_ram_mb, edge_budget, load_bundle
 
 # %% auto #0
 __all__ = ['QEMU_MIN', 'GUEST_CPU', 'DEBIAN_MIRROR', 'INSTALL_HINT', 'READY', 'GUEST_PROBE', 'RUNTIMES', 'CPU_PARTS',
-           'BUNDLE_FORMAT', 'BUNDLE_VERSION', 'EDGE_DEVICE', 'ArmToolsError', 'qemu_version', 'find_tools', 'arm_cache',
-           'ArmRun', 'run_measured', 'ensure_rootfs', 'manylinux_tags', 'wheel_requirements', 'ensure_wheels',
-           'run_aarch64', 'guest_platform', 'compare_outputs', 'load_bundle', 'edge_budget', 'ArmReport', 'arm_check',
-           'emulator_ready', 'setup_emulator']
+           'ArmToolsError', 'qemu_version', 'find_tools', 'arm_cache', 'ArmRun', 'run_measured', 'ensure_rootfs',
+           'manylinux_tags', 'wheel_requirements', 'ensure_wheels', 'run_aarch64', 'guest_platform', 'compare_outputs',
+           'ArmReport', 'arm_check', 'emulator_ready', 'setup_emulator']
 
 # %% ../nbs/51_arm.ipynb #7fc75958
 QEMU_MIN = (8, 1)         # Debian 12's qemu 7.2 crashes onnxruntime and LiteRT at import
@@ -381,49 +381,6 @@ def compare_outputs(actual, # logits from the device (array-like, (batch, classe
     agree = float((a.argmax(-1) == r.argmax(-1)).mean()) if a.ndim and a.size else 1.0
     return dict(max_abs_diff=diff, argmax_agreement=agree, passed=diff <= atol, note="")
 
-# %% ../nbs/51_arm.ipynb #ab787833
-BUNDLE_FORMAT, BUNDLE_VERSION = "edgekd-bundle", 1
-
-def load_bundle(bundle:str|os.PathLike, # a folder written by the deployment chapter's `write_bundle`
-               )->dict: # the parsed metadata.json
-    "Read and validate a deploy bundle's metadata.json; raise a one-line `ArtifactError` if the folder is not a usable bundle."
-    p = Path(bundle)
-    def bad(why): return ArtifactError(f"{str(p)!r} is not an edgekd bundle: {why}")
-    if not p.exists(): raise bad("no such folder")
-    if not p.is_dir(): raise bad("not a folder")
-    if not (p/"metadata.json").is_file(): raise bad("no metadata.json")
-    try: meta = json.loads((p/"metadata.json").read_text())
-    except (ValueError, UnicodeDecodeError) as e: raise bad(f"metadata.json is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
-        raise bad(f"metadata.json has format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {BUNDLE_FORMAT!r}")
-    if meta.get("version") != BUNDLE_VERSION:
-        raise ArtifactError(f"bundle {str(p)!r} has version {meta.get('version')!r}; this edgekd reads version {BUNDLE_VERSION}")
-    arts, ref = meta.get("artifacts"), meta.get("reference")
-    if not isinstance(arts, dict) or not arts: raise ArtifactError(f"bundle {str(p)!r} lists no artifacts in metadata.json")
-    if not isinstance(ref, dict) or "inputs" not in ref:
-        raise ArtifactError(f"bundle {str(p)!r} has no reference inputs (metadata.json 'reference': {{'inputs': ...}})")
-    for f in ("predict.py", ref["inputs"]):
-        if not (p/f).is_file(): raise ArtifactError(f"bundle {str(p)!r} is incomplete: {f} is missing")
-    return meta
-
-# %% ../nbs/51_arm.ipynb #4417ee00
-EDGE_DEVICE = dict(name="single-core Cortex-A53, 1 GB RAM", cpu="cortex-a53", cores=1,
-                   ram_mb=1024, reserved_mb=256, storage_mb=8192)
-
-# %% ../nbs/51_arm.ipynb #aca6c618
-def edge_budget(peak_rss_mb:float, # peak resident memory of the process running the model
-                model_bytes:int, # size of the model file
-                device:dict|None=None, # the device (default `EDGE_DEVICE`): ram_mb, reserved_mb, storage_mb
-               )->dict:
-    "Does a process of this peak memory, with a model file of this size, fit the reference device?"
-    d = {**EDGE_DEVICE, **(device or {})}
-    check_number(peak_rss_mb, "peak_rss_mb", lo=0); check_number(model_bytes, "model_bytes", lo=0, integer=True)
-    avail = d["ram_mb"] - d["reserved_mb"]
-    fits_ram, fits_storage = peak_rss_mb <= avail, model_bytes <= d["storage_mb"] * 2**20
-    return dict(device=d["name"], ram_available_mb=avail, ram_headroom_mb=round(avail - peak_rss_mb, 1),
-                fits_ram=fits_ram, fits_storage=fits_storage, fits=fits_ram and fits_storage,
-                cpu=f"runs correctly on the {d['cpu']} instruction set with 1 thread; speed not measurable under emulation")
-
 # %% ../nbs/51_arm.ipynb #f9c2bab8
 def _runtime_of(path:Path)->str:
     "The wheel set that runs a model file, from its suffix."
@@ -504,7 +461,7 @@ class ArmReport:
                          f"| {r['tolerance']:g} | {num(r['argmax_agreement'], '.0%')} | {'ok' if r['parity'] else 'FAIL'} "
                          f"| {r['peak_rss_mb']:.0f} ({num(r['peak_rss_x86_mb'], '.0f')}) "
                          f"| {'yes' if r['fits_device'] else 'NO'} | {'yes' if r['passed'] else 'NO'} |")
-        lines += ["", f"Device: {d['name']}; {d['ram_mb'] - d['reserved_mb']} MB of RAM left for the model's process "
+        lines += ["", f"Device: {d['name']}; {available_ram_mb(d)} MB of RAM left for the model's process "
                   f"({d['reserved_mb']} MB kept for the system). Peak RSS under emulation includes qemu's translator "
                   "(an upper bound); the x86 figure is closer to what the board will use.",
                   "Correctness on the ARMv8.0-A instruction set with one thread is shown; speed is not: "

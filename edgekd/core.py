@@ -18,7 +18,7 @@ import torch
 
 # %% auto #0
 __all__ = ['set_seed', 'EdgeKDError', 'ConfigError', 'DataNotFoundError', 'ShapeError', 'ArtifactError', 'check_number',
-           'check_choice', 'check_shape', 'writable_dir', 'atomic_dir', 'atomic_write', 'num_threads']
+           'check_choice', 'check_shape', 'default_mode', 'writable_dir', 'atomic_dir', 'atomic_write', 'num_threads']
 
 # %% ../nbs/00_core.ipynb #de401cb2
 def set_seed(seed:int=0, # the seed for python, numpy and torch
@@ -94,6 +94,13 @@ def check_shape(x:torch.Tensor, # the tensor to check
         raise ShapeError(f"{name} has shape {tuple(x.shape)}, expected {want}")
     return x
 
+# %% ../nbs/00_core.ipynb #ba4b0629
+def default_mode(folder:bool=False, # a folder (0o777 before the umask) rather than a file (0o666)
+                )->int:
+    "Permission bits a newly created file or folder gets under the current umask."
+    mask = os.umask(0); os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
 # %% ../nbs/00_core.ipynb #77d03d94
 def writable_dir(path:str|os.PathLike, # a folder to create (with its parents) if missing
                  name:str="output folder", # what the folder is, for the error message
@@ -120,6 +127,7 @@ def atomic_dir(path:str|os.PathLike, # final folder; replaced only if the block 
         raise ConfigError(f"output path {str(final)!r} exists and is not a folder")
     parent = writable_dir(final.parent, "parent of the output folder")
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{final.name}.partial-"))
+    tmp.chmod(default_mode(folder=True))
     try:
         yield tmp
     except BaseException:
@@ -139,6 +147,7 @@ def atomic_write(path:str|os.PathLike, # file to write
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, default_mode())
         with os.fdopen(fd, "wb") as f: f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import edgekd
-from .core import (ArtifactError, ConfigError, EdgeKDError, ShapeError, atomic_dir, atomic_write,
+from .core import (ArtifactError, ConfigError, EdgeKDError, ShapeError, atomic_dir, atomic_write, default_mode,
                          check_choice, check_number, check_shape, num_threads, set_seed, writable_dir)
 from .data import DataLoaders, get_loaders
 from .experiment import ExperimentResult, register_experiment, summarize, track
@@ -37,12 +37,13 @@ from .models import CNN, MLP, get_model
 from .profile import _eval_mode, format_table, serialized_bytes
 
 # %% auto #0
-__all__ = ['ARTIFACTS', 'PARITY_ATOL', 'PARITY_POINTS', 'PREDICT_TEMPLATE', 'PREPROCESSING', 'EDGE_DEVICE', 'RUNTIME_LABELS',
-           'DEPLOY_SETUP', 'dataset_arrays', 'calibration_samples', 'MissingPackageError', 'export_onnx', 'onnx_opset',
-           'Runtime', 'OnnxRuntime', 'TFLiteRuntime', 'load_runtime', 'predict', 'torch_logits', 'accuracy',
-           'quantize_onnx_int8', 'quantize_tflite', 'export_tflite', 'export_all', 'parity_report', 'check_parity',
-           'write_bundle', 'load_bundle', 'run_predict', 'verify_bundle', 'add_edge_budget', 'bundle_from_run',
-           'benchmark_bundle', 'plot_deploy', 'deploy_benchmark']
+__all__ = ['ARTIFACTS', 'PARITY_ATOL', 'PARITY_POINTS', 'PREDICT_TEMPLATE', 'PREPROCESSING', 'BUNDLE_FORMAT', 'BUNDLE_VERSION',
+           'EDGE_DEVICE', 'RUNTIME_LABELS', 'DEPLOY_SETUP', 'dataset_arrays', 'calibration_samples',
+           'MissingPackageError', 'export_onnx', 'onnx_opset', 'Runtime', 'OnnxRuntime', 'TFLiteRuntime',
+           'load_runtime', 'predict', 'torch_logits', 'accuracy', 'quantize_onnx_int8', 'quantize_tflite',
+           'export_tflite', 'export_all', 'parity_report', 'check_parity', 'write_bundle', 'load_bundle', 'run_predict',
+           'verify_bundle', 'available_ram_mb', 'edge_budget', 'add_edge_budget', 'bundle_from_run', 'benchmark_bundle',
+           'plot_deploy', 'deploy_benchmark']
 
 # %% ../nbs/50_deploy.ipynb #199f018b
 ARTIFACTS = {  # bundle key -> (file name, runtime format, description)
@@ -210,7 +211,7 @@ def export_onnx(model:nn.Module, # the PyTorch model (put in eval mode during ex
     if opset is not None: check_number(opset, "opset", lo=18, integer=True)
     path = Path(path); writable_dir(path.parent, "output folder")
     x = _example_input(shape)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx"); os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx"); os.close(fd); os.chmod(tmp, default_mode())
     err = None
     try:
         with _eval_mode(model):
@@ -479,7 +480,7 @@ def export_tflite(model:nn.Module, # the PyTorch model (put in eval mode during 
         lt.config.show_progress = False
     path = Path(path); writable_dir(path.parent, "output folder")
     x = _example_input(shape, batch_size)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tflite"); os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tflite"); os.close(fd); os.chmod(tmp, default_mode())
     err = None
     try:
         with _eval_mode(model):
@@ -782,8 +783,6 @@ PREPROCESSING = {  # dataset name -> how raw data becomes the model's input
     "mnist1d": {"description": "MNIST-1D signal of 40 samples, standardised with the training set's mean and "
                                "standard deviation as edgekd.data.get_loaders('mnist1d') does, shape (1, 40)"},
 }
-EDGE_DEVICE = dict(name="single-core ARM Cortex-A53, 1 GB RAM, 8 GB eMMC (e.g. Raspberry Pi 3)",
-                   ram_mb=1024, storage_mb=8192, cores=1)
 
 def _tolerance(key:str, # artifact key
                ref:np.ndarray, # its x86 reference logits
@@ -859,6 +858,8 @@ def _requirements(keys:Iterable[str])->str:
     return "\n".join(lines) + "\n"
 
 # %% ../nbs/50_deploy.ipynb #a5d037ba
+BUNDLE_FORMAT, BUNDLE_VERSION = "edgekd-bundle", 1   # what metadata.json says; `load_bundle` checks both
+
 def write_bundle(model:nn.Module, # the trained PyTorch model
                  data, # `DataLoaders` (test samples, training samples for calibration, classes), or a dict with
                        # input_shape, classes, sample_inputs and optionally calib_inputs, sample_labels, dataset, preprocessing
@@ -894,7 +895,7 @@ def write_bundle(model:nn.Module, # the trained PyTorch model
             reference[k], tolerance[k] = f"reference_{k}.npy", _tolerance(k, y)
             info[k] = dict(file=p.name, bytes=p.stat().st_size, batch_size=rt.batch_size,
                            description=ARTIFACTS[k][2], sample_accuracy=None if d["sample_labels"] is None else accuracy(y, d["sample_labels"]))
-        meta = {"format": "edgekd-bundle", "version": 1, "name": name, "dataset": d["dataset"],
+        meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "name": name, "dataset": d["dataset"],
                 "input_shape": list(d["input_shape"]), "input_dtype": "float32", "n_classes": int(ref.shape[1]),
                 "classes": [str(c) for c in d["classes"]], "preprocessing": prep,
                 "artifacts": {k: p.name for k, p in paths.items()}, "artifact_info": info,
@@ -918,19 +919,29 @@ def _version(package:str)->str|None:
     except metadata.PackageNotFoundError: return None
 
 # %% ../nbs/50_deploy.ipynb #77df838a
-def load_bundle(path:str|os.PathLike, # a bundle folder
+def load_bundle(path:str|os.PathLike, # a bundle folder, as written by `write_bundle`
                )->dict:
-    "The bundle's metadata (plus 'path'), after checking that `path` is a complete edgekd bundle."
+    "The bundle's metadata (plus 'path'), after checking that `path` is a complete edgekd bundle; else a one-line `ArtifactError`."
     p = Path(path)
-    if not p.is_dir(): raise ArtifactError(f"{p} is not an edgekd bundle: not a folder")
+    def bad(why): return ArtifactError(f"{str(p)!r} is not an edgekd bundle: {why}")
+    if not p.exists(): raise bad("no such folder")
+    if not p.is_dir(): raise bad("not a folder")
+    if not (p/"metadata.json").is_file(): raise bad("no metadata.json")
     try: meta = json.loads((p/"metadata.json").read_text())
-    except FileNotFoundError: raise ArtifactError(f"{p} is not an edgekd bundle: it has no metadata.json") from None
-    except (OSError, ValueError) as e: raise ArtifactError(f"{p} is not an edgekd bundle: metadata.json is unreadable ({_first_line(e)})") from None
-    if not isinstance(meta, dict) or meta.get("format") != "edgekd-bundle":
-        raise ArtifactError(f'{p} is not an edgekd bundle: metadata.json lacks "format": "edgekd-bundle"')
-    files = [*meta.get("artifacts", {}).values(), *meta.get("reference", {}).values(), "predict.py"]
+    except ValueError as e: raise bad(f"metadata.json is not valid JSON ({_first_line(e)})") from None  # incl. UnicodeDecodeError
+    except OSError as e: raise bad(f"metadata.json is unreadable ({_first_line(e)})") from None
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt != BUNDLE_FORMAT: raise bad(f"metadata.json has format {fmt!r}, expected {BUNDLE_FORMAT!r}")
+    if meta.get("version") != BUNDLE_VERSION:
+        v = "no version" if meta.get("version") is None else f"version {meta['version']!r}"
+        raise ArtifactError(f"bundle {str(p)!r} has {v}; this edgekd reads version {BUNDLE_VERSION}")
+    arts, ref = meta.get("artifacts"), meta.get("reference")
+    if not isinstance(arts, dict) or not arts: raise ArtifactError(f"bundle {str(p)!r} lists no artifacts in metadata.json")
+    if not isinstance(ref, dict) or "inputs" not in ref:
+        raise ArtifactError(f"bundle {str(p)!r} has no reference inputs (metadata.json 'reference': {{'inputs': ...}})")
+    files = dict.fromkeys(str(f) for f in [*arts.values(), *ref.values(), "predict.py"])
     missing = [f for f in files if not (p/f).is_file()]
-    if missing: raise ArtifactError(f"bundle {p} is incomplete: missing {', '.join(missing)}")
+    if missing: raise ArtifactError(f"bundle {str(p)!r} is incomplete: missing {', '.join(missing)}")
     return {**meta, "path": p}
 
 # %% ../nbs/50_deploy.ipynb #2df81fd6
@@ -984,13 +995,40 @@ def verify_bundle(bundle:str|os.PathLike, # a bundle folder
                              seconds=res["seconds"], machine=res["machine"]))
     return rows
 
+# %% ../nbs/50_deploy.ipynb #f077d9d5
+EDGE_DEVICE = dict(name="single-core Cortex-A53, 1 GB RAM", cpu="cortex-a53", cores=1,
+                   ram_mb=1024, reserved_mb=256, storage_mb=8192)
+
+def available_ram_mb(device:dict|None=None, # the device (default `EDGE_DEVICE`; missing keys are taken from it)
+                    )->float:
+    "RAM the model's process may use on `device`: `ram_mb - reserved_mb` (the reserve is the system's)."
+    d = {**EDGE_DEVICE, **(device or {})}
+    return d["ram_mb"] - d["reserved_mb"]
+
+def edge_budget(peak_rss_mb:float|None, # peak resident memory of the process running the model (None: not measured)
+                model_bytes:int, # size of the model file
+                device:dict|None=None, # the device (default `EDGE_DEVICE`; missing keys are taken from it)
+               )->dict:
+    "Do a process of this peak memory and a model file of this size fit `device`? An unmeasured process does not fit."
+    d = {**EDGE_DEVICE, **(device or {})}
+    if peak_rss_mb is not None: check_number(peak_rss_mb, "peak_rss_mb", lo=0)
+    check_number(model_bytes, "model_bytes", lo=0, integer=True)
+    avail = available_ram_mb(d)
+    fits_ram, fits_storage = peak_rss_mb is not None and peak_rss_mb <= avail, model_bytes <= d["storage_mb"] * 2**20
+    return dict(device=d["name"], ram_available_mb=avail,
+                ram_headroom_mb=None if peak_rss_mb is None else round(avail - peak_rss_mb, 1),
+                fits_ram=fits_ram, fits_storage=fits_storage, fits=fits_ram and fits_storage)
+
 # %% ../nbs/50_deploy.ipynb #22abc400
 def add_edge_budget(rows:list[dict], # rows with 'bytes' and 'peak_rss_mb', e.g. from `verify_bundle`
-                device:dict=EDGE_DEVICE, # the target: ram_mb, storage_mb
-               )->list[dict]:
-    "Add to each row the model size in MB, and whether file and process fit the device's storage and RAM."
-    return [{**r, "model_mb": r["bytes"] / 2**20, "fits_storage": r["bytes"] / 2**20 <= device["storage_mb"],
-             "fits_ram": r.get("peak_rss_mb") is not None and r["peak_rss_mb"] <= device["ram_mb"]} for r in rows]
+                    device:dict|None=None, # the device (default `EDGE_DEVICE`; missing keys are taken from it)
+                   )->list[dict]:
+    "Add to each row the model size in MB and `edge_budget`'s verdicts: does the file fit the storage, the process the RAM?"
+    out = []
+    for r in rows:
+        b = edge_budget(r.get("peak_rss_mb"), r["bytes"], device)
+        out.append({**r, "model_mb": r["bytes"] / 2**20, "fits_storage": b["fits_storage"], "fits_ram": b["fits_ram"]})
+    return out
 
 # %% ../nbs/50_deploy.ipynb #ecc51439
 def bundle_from_run(run_dir:str|os.PathLike, # a folder written by `edgekd run`

@@ -1,10 +1,11 @@
-"""edgekd.arm: output comparison, bundle validation, tool detection, and real runs on an emulated aarch64 CPU
-of bundles written by edgekd.export.write_bundle.
+"""edgekd.arm: output comparison, bundle validation (edgekd.export.load_bundle, which arm_check starts with), tool
+detection, and real runs on an emulated aarch64 CPU of bundles written by edgekd.export.write_bundle.
 
 The emulated tests need qemu-aarch64 >= 8.1 and debootstrap (`sudo bash scripts/install_arm_tools.sh`);
 the first one builds the cache ($EDGEKD_ARM_CACHE or ~/.cache/edgekd/arm, a few minutes). They are never
 skipped: without the tools they fail with the one-line install message, so a CI run without them fails.
 """
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -15,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from edgekd.arm import (ArmReport, ArmToolsError, arm_check, compare_outputs, edge_budget, ensure_wheels, find_tools,
-                        guest_platform, load_bundle, manylinux_tags, run_aarch64, run_measured, wheel_requirements)
+from edgekd.arm import (ArmReport, ArmToolsError, arm_check, compare_outputs, ensure_wheels, find_tools, guest_platform,
+                        manylinux_tags, run_aarch64, run_measured, wheel_requirements)
 from edgekd.core import ArtifactError, ConfigError
-from edgekd.export import write_bundle
+from edgekd.export import edge_budget, load_bundle, write_bundle
 
 # ----------------------------------------------------------------------------- a bundle written by edgekd.export
 
@@ -68,17 +69,21 @@ def test_load_bundle_errors(bundle, tmp_path):
     garbage = tmp_path / "garbage"; garbage.mkdir(); (garbage / "metadata.json").write_bytes(b"\x00\xff")
     cases.append((garbage, "metadata.json is not valid JSON"))
     nopred = tmp_path / "nopred"; shutil.copytree(bundle, nopred); (nopred / "predict.py").unlink()
-    cases.append((nopred, "is incomplete: predict.py is missing"))
+    cases.append((nopred, "is incomplete: missing predict.py"))
     for folder, msg in cases:
         with pytest.raises(ArtifactError, match=msg.replace("(", r"\(")) as e:
             load_bundle(folder)
-        assert "\n" not in str(e.value)
+        assert "\n" not in str(e.value) and repr(str(folder)) in str(e.value)
     # arm_check refuses before emulating anything
     with pytest.raises(ArtifactError, match="no metadata.json"):
         arm_check(empty)
     with pytest.raises(ConfigError, match="unknown artifact 'tflite_int8'; choose one of: onnx, tflite"):
         arm_check(bundle, artifacts=["tflite_int8"])
     noref = tmp_path / "noref"; shutil.copytree(bundle, noref); (noref / "reference_onnx.npy").unlink()
+    with pytest.raises(ArtifactError, match="is incomplete: missing reference_onnx.npy"):
+        arm_check(noref)
+    meta = json.loads((noref / "metadata.json").read_text()); del meta["reference"]["onnx"]
+    (noref / "metadata.json").write_text(json.dumps(meta))     # a complete bundle whose metadata lacks one reference
     with pytest.raises(ArtifactError, match="has no x86 reference outputs for 'onnx'"):
         arm_check(noref)
 
@@ -107,7 +112,7 @@ def test_find_tools_messages(tmp_path):
 
 
 def test_edge_budget_and_report():
-    assert edge_budget(700, 10**6)["fits"] and not edge_budget(800, 10**6)["fits"]
+    assert edge_budget(700, 10**6)["fits"] and not edge_budget(800, 10**6)["fits"]    # 1 GB board, 768 MB available
     assert edge_budget(700, 10**6)["ram_headroom_mb"] == 68
     assert not edge_budget(700, 10**6, device=dict(ram_mb=512))["fits"]
     row = dict(artifact="onnx", runtime="onnxruntime", bytes=4096, max_abs_diff=0.0, tolerance=1e-4, argmax_agreement=1.0,
