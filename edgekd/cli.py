@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 
@@ -35,13 +36,31 @@ def _cmd_run(args)->int:
     run_pipeline(cfg, log=(lambda *a, **k: None) if args.quiet else print)
     return 0
 
+def _parse_options(items:list, # 'KEY=VALUE' strings from --set
+                  )->dict:
+    "Experiment options from `--set KEY=VALUE`: VALUE is a Python literal (42, 0.5, (1, 2), None) or else a string."
+    opts = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--set needs KEY=VALUE with a Python name as KEY, got {item!r}")
+        if key in opts: raise ConfigError(f"--set {key} is given twice")
+        try: value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError): value = text.strip()
+        opts[key] = tuple(value) if isinstance(value, list) else value
+    return opts
+
 def _cmd_reproduce(args)->int:
-    from edgekd.experiment import list_experiments, run_experiment
+    from edgekd.experiment import experiment_options, list_experiments, run_experiment
     if args.list or args.name is None:
-        for k, d in list_experiments().items(): print(f"{k:<16} {d}")
+        for k, d in list_experiments().items():
+            opts = ", ".join(experiment_options(k))
+            print(f"{k:<16} {d}" + (f"\n{'':<16} options: {opts}" if opts else ""))
         return 0 if args.list else 2
     out = args.out or f"results/{args.name}"
-    res = run_experiment(args.name, seeds=args.seeds, fast=args.fast, progress=not args.quiet, out=out)
+    res = run_experiment(args.name, seeds=args.seeds, fast=args.fast, progress=not args.quiet, out=out,
+                         **_parse_options(args.set))
     if not args.quiet: print(res.to_markdown()); print(f"saved to {out}/")
     return 0
 
@@ -102,6 +121,8 @@ def build_parser()->argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds; default: 0 1 2")
     e.add_argument("--fast", action="store_true", help="a few steps only (a smoke test; numbers are not meaningful)")
     e.add_argument("--out", default=None, help="output folder; default: results/NAME")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the experiment, e.g. --set n_transfer=20000 (repeatable; options: see --list)")
     e.add_argument("--quiet", action="store_true", help="no progress output")
     e.set_defaults(func=_cmd_reproduce)
     d = sub.add_parser("deploy", help="write a deploy bundle (ONNX, TFLite, predict.py) from a run folder",

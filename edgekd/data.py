@@ -260,9 +260,11 @@ def _torchvision_datasets(key:str, # a key of `_TORCHVISION`
         if download: problem = f"download failed ({reason})"
         elif missing: problem = f"missing {', '.join(missing)}"
         else: problem = f"the files could not be read, they may be corrupted or incomplete ({type(e).__name__}: {reason})"
+        fix = ("check the internet connection" if download else
+               "pass download=True (--download on the edgekd command line) when online")
         raise DataNotFoundError(
-            f"{spec['title']} not found in {where}: {problem}. Pass download=True (--download on the edgekd command line) "
-            f"when online, or {spec['how']} {', '.join(spec['files'])} under {where}") from None
+            f"{spec['title']} not found in {where}: {problem}. To fix it, {fix}, "
+            f"or {spec['how']} {', '.join(spec['files'])} under {where}") from None
     def images(ds):
         x = torch.as_tensor(np.asarray(ds.data))
         return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()

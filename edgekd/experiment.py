@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 import sys
@@ -18,7 +19,7 @@ from .core import ConfigError, atomic_dir, atomic_write, check_choice
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'EXPERIMENT_MODULES', 'mean_std', 'summarize', 'ExperimentResult', 'register_experiment',
-           'list_experiments', 'run_experiment', 'track']
+           'list_experiments', 'experiment_options', 'run_experiment', 'track']
 
 # %% ../nbs/05_experiments.ipynb #74a0a69c
 def mean_std(values:Iterable[float])->tuple[float, float]:
@@ -118,22 +119,35 @@ def list_experiments()->dict:
     return {k: d for k, (_, d) in sorted(EXPERIMENTS.items())}
 
 # %% ../nbs/05_experiments.ipynb #5ce5737c
+_RUNNER_ARGS = ("seeds", "fast", "progress")
+
+def experiment_options(name:str, # a name from `list_experiments()`
+                      )->dict: # option -> default value
+    "The experiment-specific options of `name` (its keyword arguments besides seeds, fast and progress)."
+    check_choice(name, "experiment", list_experiments())
+    sig = inspect.signature(EXPERIMENTS[name][0])
+    return {k: p.default for k, p in sig.parameters.items() if k not in _RUNNER_ARGS and p.kind is p.POSITIONAL_OR_KEYWORD}
+
 def run_experiment(name:str, # a name from `list_experiments()`
                    seeds:Iterable[int]=(0, 1, 2), # seeds; at least one
                    fast:bool=False, # a few steps only (CI, fast notebook mode)
                    progress:bool=True, # show a progress bar / lines
                    out:str|Path|None=None, # folder to save the result in (None: do not save)
-                   **kwargs, # experiment-specific options
+                   **kwargs, # experiment-specific options, see `experiment_options(name)`
                   )->ExperimentResult:
     "Run the registered experiment `name`, time it, and save it to `out` if given."
-    check_choice(name, "experiment", list_experiments())
+    opts = experiment_options(name)
+    for k in kwargs:
+        if k not in opts:
+            allowed = ", ".join(opts) or "none"
+            raise ConfigError(f"unknown option {k!r} for experiment {name!r}; its options are: {allowed}")
     seeds = [int(s) for s in seeds]
     if not seeds: raise ConfigError("seeds must hold at least one seed, got none")
     fn = EXPERIMENTS[name][0]
     t0 = time.perf_counter()
     res = fn(seeds=seeds, fast=fast, progress=progress, **kwargs)
     res.seconds = time.perf_counter() - t0
-    res.config = dict(seeds=seeds, fast=fast, **kwargs, **res.config)
+    res.config = {"seeds": seeds, "fast": fast, **kwargs, **res.config}
     if out is not None: res.save(out)
     return res
 

@@ -13,6 +13,17 @@ for nb in "${nbs[@]}"; do
   echo "executing $nb"
   start=$SECONDS
   "${py}jupyter" nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 "$nb" --log-level=WARN
+  # Live widgets (sliders) only work in a running kernel: drop their outputs and saved state,
+  # the static figures next to them are what the docs show.
+  "${py}python" - "$nb" <<'PY'
+import sys, nbformat
+nb = nbformat.read(sys.argv[1], as_version=4)
+nb.metadata.pop("widgets", None)
+for c in nb.cells:
+    if c.cell_type == "code":
+        c.outputs = [o for o in c.outputs if "application/vnd.jupyter.widget-view+json" not in o.get("data", {})]
+nbformat.write(nb, sys.argv[1])
+PY
   "${py}nbdev_clean" --fname "$nb"
   echo "  done in $((SECONDS - start)) s"
 done
