@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the outputs stored in the notebooks (what the docs show) by executing them for
-# real, slow cells included, then clean them the way CI checks.
+# real, slow cells included, then clean them the way CI checks. Prints one line per cell.
 # Usage: bash scripts/execute_notebooks.sh [NOTEBOOK ...]   (default: every chapter; slow)
 set -euo pipefail
 cd "$(dirname "$0")/../nbs"
@@ -12,17 +12,28 @@ for nb in "${nbs[@]}"; do
   nb=$(basename "$nb")
   echo "executing $nb"
   start=$SECONDS
-  "${py}jupyter" nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 "$nb" --log-level=WARN
-  # Live widgets (sliders) only work in a running kernel: drop their outputs and saved state,
-  # the static figures next to them are what the docs show.
   "${py}python" - "$nb" <<'PY'
-import sys, nbformat
-nb = nbformat.read(sys.argv[1], as_version=4)
+import sys, time, nbformat
+from nbclient import NotebookClient
+path = sys.argv[1]
+nb = nbformat.read(path, as_version=4)
+code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+t = {"cell": time.time()}
+def done(cell, cell_index, **_):
+    now = time.time()
+    first = cell.source.splitlines()[0][:60] if cell.source else ""
+    print(f"  cell {cell_index:>3} ({code.index(cell_index) + 1}/{len(code)} code cells) {now - t['cell']:7.1f} s  {first}", flush=True)
+    t["cell"] = now
+client = NotebookClient(nb, timeout=None, kernel_name="python3", resources={"metadata": {"path": "."}},
+                        on_cell_executed=done)
+client.execute()
+# Live widgets (sliders) only work in a running kernel: drop their outputs and saved state;
+# the static figures next to them are what the docs show.
 nb.metadata.pop("widgets", None)
 for c in nb.cells:
     if c.cell_type == "code":
         c.outputs = [o for o in c.outputs if "application/vnd.jupyter.widget-view+json" not in o.get("data", {})]
-nbformat.write(nb, sys.argv[1])
+nbformat.write(nb, path)
 PY
   "${py}nbdev_clean" --fname "$nb"
   echo "  done in $((SECONDS - start)) s"
