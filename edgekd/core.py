@@ -18,7 +18,8 @@ import torch
 
 # %% auto #0
 __all__ = ['set_seed', 'EdgeKDError', 'ConfigError', 'DataNotFoundError', 'ShapeError', 'ArtifactError', 'check_number',
-           'check_choice', 'check_shape', 'default_mode', 'writable_dir', 'atomic_dir', 'atomic_write', 'num_threads']
+           'check_choice', 'check_shape', 'default_mode', 'writable_dir', 'atomic_dir', 'atomic_write', 'num_threads',
+           'eval_mode']
 
 # %% ../nbs/00_core.ipynb #de401cb2
 def set_seed(seed:int=0, # the seed for python, numpy and torch
@@ -166,3 +167,14 @@ def num_threads(n:int|None, # threads for torch ops inside the block (None: leav
     torch.set_num_threads(int(n))
     try: yield
     finally: torch.set_num_threads(old)
+
+# %% ../nbs/00_core.ipynb #2c9b5a98
+@contextlib.contextmanager
+def eval_mode(model:torch.nn.Module, # model to put in eval mode inside the block
+             ):
+    "Put `model` in eval mode inside the block, then restore every submodule's own training flag."
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try: yield model
+    finally:
+        for m, t in modes: m.training = t

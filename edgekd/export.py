@@ -27,14 +27,14 @@ import torch
 from torch import nn
 
 import edgekd
-from .core import (ArtifactError, ConfigError, EdgeKDError, ShapeError, atomic_dir, atomic_write, default_mode,
+from .core import (ArtifactError, ConfigError, EdgeKDError, ShapeError, atomic_dir, atomic_write, default_mode, eval_mode,
                          check_choice, check_number, check_shape, num_threads, set_seed, writable_dir)
 from .data import DataLoaders, get_loaders
 from .experiment import ExperimentResult, register_experiment, summarize, track
-from .kd import DistillationCB
+from .kd import DistillationCB, teacher_logits
 from .learner import Learner, SchedulerCB
 from .models import CNN, MLP, get_model
-from .profile import _eval_mode, format_table, serialized_bytes
+from .profile import format_table, serialized_bytes
 
 # %% auto #0
 __all__ = ['ARTIFACTS', 'PARITY_ATOL', 'PARITY_POINTS', 'PREDICT_TEMPLATE', 'PREPROCESSING', 'BUNDLE_FORMAT', 'BUNDLE_VERSION',
@@ -214,7 +214,7 @@ def export_onnx(model:nn.Module, # the PyTorch model (put in eval mode during ex
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx"); os.close(fd); os.chmod(tmp, default_mode())
     err = None
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             _check_forward(model, x)
             dyn = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
             with _quiet():
@@ -364,9 +364,7 @@ def torch_logits(model:nn.Module, # a PyTorch model
                  batch_size:int=256, # samples per forward pass
                 )->np.ndarray:
     "Logits of `model` (in eval mode, restored afterwards) as a float32 numpy array."
-    x = torch.as_tensor(np.asarray(inputs, dtype=np.float32))
-    with _eval_mode(model), torch.no_grad():
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
+    return teacher_logits(model, torch.as_tensor(np.asarray(inputs, dtype=np.float32)), batch_size).numpy()
 
 def accuracy(logits:np.ndarray, # (n, n_classes)
              labels:np.ndarray, # (n,) integer class labels
@@ -483,7 +481,7 @@ def export_tflite(model:nn.Module, # the PyTorch model (put in eval mode during 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tflite"); os.close(fd); os.chmod(tmp, default_mode())
     err = None
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             _check_forward(model, x)
             with _quiet():
                 try: lt.convert(model, (x,)).export(tmp)
@@ -1129,7 +1127,7 @@ def benchmark_bundle(bundle:str|os.PathLike, # a bundle folder
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as d:
         d = Path(d); np.save(d/"x.npy", x)
         if model is not None:
-            with _eval_mode(model), _quiet():
+            with eval_mode(model), _quiet():
                 ep = torch.export.export(model, (torch.from_numpy(x[:2]),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
                 torch.export.save(ep, d/"model.pt2")
             (d/"torch_bench.py").write_text(_TORCH_BENCH)

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .core import ConfigError, ShapeError, check_choice, check_number, num_threads, set_seed
+from .core import ConfigError, ShapeError, check_choice, check_number, eval_mode, num_threads, set_seed
 from .data import get_loaders, mnist1d_samples, write_idx_mnist
 from .experiment import ExperimentResult, register_experiment, summarize, track
 from .learner import Callback, Learner, SchedulerCB
@@ -129,11 +129,8 @@ def teacher_logits(teacher:nn.Module, # a trained model
     "Logits of `teacher` for all of `x`, computed in eval mode without gradients, `batch_size` rows at a time."
     if not isinstance(teacher, nn.Module): raise ConfigError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
     check_number(batch_size, "batch_size", lo=0, lo_open=True, integer=True)
-    was_training = teacher.training
-    teacher.eval()
-    try:
-        with torch.no_grad(): return torch.cat([teacher(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-    finally: teacher.train(was_training)
+    with eval_mode(teacher), torch.no_grad():
+        return torch.cat([teacher(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 # %% ../nbs/10_kd_theory.ipynb #6f6cda29
 def dataset_tensors(data:Dataset|torch.Tensor, # a map-style dataset of tuples `(x, ...)`, or a tensor of inputs

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 
-from .core import ArtifactError, ConfigError, atomic_write, check_choice, check_number, writable_dir
+from .core import ArtifactError, ConfigError, atomic_write, check_choice, check_number, eval_mode, writable_dir
 
 # %% ../nbs/03_learner.ipynb #168e8899
 class CancelFitException(Exception):
@@ -347,16 +347,12 @@ def _eval_dl(self:Learner, dl):
 def get_preds(self:Learner, dl=None, # a DataLoader (None: `self.dls.test`)
              )->tuple:
     "`(logits, targets)` over `dl`, in eval mode and without gradients; targets is None for unlabeled data."
-    dl, was_training = self._eval_dl(dl), self.model.training
-    preds, targs = [], []
-    self.model.eval()
-    try:
-        with torch.no_grad():
-            for batch in dl:
-                xb, yb = _split_batch(batch)
-                preds.append(self.model(xb))
-                if yb: targs.append(yb[0])
-    finally: self.model.train(was_training)
+    dl, preds, targs = self._eval_dl(dl), [], []
+    with eval_mode(self.model), torch.no_grad():
+        for batch in dl:
+            xb, yb = _split_batch(batch)
+            preds.append(self.model(xb))
+            if yb: targs.append(yb[0])
     if not preds: raise ConfigError("get_preds got an empty DataLoader")
     return torch.cat(preds), (torch.cat(targs) if len(targs) == len(preds) else None)
 

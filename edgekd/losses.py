@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 from fastcore.basics import patch
 
-from .core import ConfigError, ShapeError, check_choice, check_number, num_threads, set_seed
+from .core import ConfigError, ShapeError, check_choice, check_number, eval_mode, num_threads, set_seed
 from .data import from_datasets, get_loaders
 from .experiment import ExperimentResult, register_experiment, summarize, track
 from .kd import soft_target_loss
@@ -91,13 +91,9 @@ def feature_shapes(model:nn.Module, # the model to probe
                   )->dict:
     "Output shape (without batch) of each named submodule for an input of `input_shape`."
     names = _default_layers(model) if names is None else list(names)
-    was_training = model.training
-    model.eval()
-    try:
-        with FeatureHooks(model, names, detach=True) as h, torch.no_grad():
-            model(torch.zeros(2, *input_shape))
-            return {n: tuple(h[n].shape[1:]) for n in names}
-    finally: model.train(was_training)
+    with eval_mode(model), FeatureHooks(model, names, detach=True) as h, torch.no_grad():
+        model(torch.zeros(2, *input_shape))
+        return {n: tuple(h[n].shape[1:]) for n in names}
 
 # %% ../nbs/11_kd_losses.ipynb #838c03d7
 def propose_pairs(student:nn.Module, # the student
@@ -628,11 +624,8 @@ def before_fit(self:MultiDistillCB, learn):
     if s_names: self.s_hooks, self.t_hooks = FeatureHooks(learn.model, s_names), FeatureHooks(self.teacher, t_names)
     todo = {k: l for k, l in self.losses.items() if l.uses_features and l.shapes is None}
     if todo:
-        x, was = _probe_input(learn), learn.model.training
-        learn.model.eval()
-        try:
-            with torch.no_grad(): learn.model(x); self.teacher(x)
-        finally: learn.model.train(was)
+        x = _probe_input(learn)
+        with eval_mode(learn.model), torch.no_grad(): learn.model(x); self.teacher(x)
         for k, l in todo.items():
             l.build([tuple(self.s_hooks[s].shape[1:]) for s, _ in self.pairs[k]],
                     [tuple(self.t_hooks[t].shape[1:]) for _, t in self.pairs[k]])

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import edgekd
-from .core import ArtifactError, ConfigError, ShapeError, atomic_dir, atomic_write, check_choice, check_number, num_threads, set_seed
+from .core import ArtifactError, ConfigError, ShapeError, atomic_dir, atomic_write, check_choice, check_number, eval_mode, num_threads, set_seed
 from .data import DataLoaders, get_loaders, list_datasets
 from .models import get_model, list_models
 from .learner import Learner, SchedulerCB
@@ -99,17 +99,14 @@ def check_model_fits(model:nn.Module, # a model to train on `dls`
                     )->nn.Module:
     "Raise `ShapeError` unless `model` maps one batch of `dls` inputs to `(batch, n_classes)` logits."
     x = torch.zeros(2, *dls.input_shape)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(): out = model(x)
+        with eval_mode(model), torch.no_grad(): out = model(x)
     except ShapeError as e:
         raise ShapeError(f"{name} does not fit dataset {dls.name!r}: {e}") from None
     except RuntimeError as e:
         msg = str(e).splitlines()[0]
         raise ShapeError(f"{name} cannot take {dls.name!r} inputs of shape (batch, "
                          f"{', '.join(map(str, dls.input_shape))}): {msg}") from None
-    finally: model.train(was_training)
     if tuple(out.shape) != (2, dls.n_classes):
         raise ShapeError(f"{name} outputs shape {tuple(out.shape)[1:]} per sample, "
                          f"but dataset {dls.name!r} has {dls.n_classes} classes")

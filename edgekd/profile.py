@@ -5,7 +5,6 @@
 # %% ../nbs/04_profile.ipynb #c6a571e0
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import time
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import ConfigError, check_choice, check_number, num_threads
+from .core import ConfigError, check_choice, check_number, eval_mode, num_threads
 
 # %% auto #0
 __all__ = ['count_params', 'count_nonzero', 'count_macs', 'serialized_bytes', 'time_calls', 'benchmark_latency', 'profile_model',
@@ -63,17 +62,6 @@ def _example_input(model:nn.Module, # the model the input is for (gives dtype an
     g = torch.Generator().manual_seed(0)  # a private generator: profiling must not move the global RNG
     return torch.randn(batch_size, *input_shape, generator=g).to(dtype=dtype, device=device)
 
-# %% ../nbs/04_profile.ipynb #c67a47ef
-@contextlib.contextmanager
-def _eval_mode(model:nn.Module, # model to put in eval mode inside the block
-              ):
-    "Put `model` in eval mode inside the block, then restore every submodule's own training flag."
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try: yield model
-    finally:
-        for m, t in modes: m.training = t
-
 # %% ../nbs/04_profile.ipynb #ac361702
 def count_macs(model:nn.Module, # model to measure (any mix of Conv1d/2d/3d and Linear modules counts)
                input_shape:Sequence[int], # shape of one sample without batch, e.g. `model.input_shape`
@@ -89,7 +77,7 @@ def count_macs(model:nn.Module, # model to measure (any mix of Conv1d/2d/3d and 
         for mod in model.modules():
             if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)): hooks.append(mod.register_forward_hook(conv_hook))
             elif isinstance(mod, nn.Linear): hooks.append(mod.register_forward_hook(linear_hook))
-        with _eval_mode(model), torch.no_grad(): model(_example_input(model, shape))
+        with eval_mode(model), torch.no_grad(): model(_example_input(model, shape))
     finally:
         for h in hooks: h.remove()
     return total
@@ -131,7 +119,7 @@ def benchmark_latency(model:nn.Module, # model to time (run in eval mode, restor
     check_number(warmup, "warmup", lo=0, integer=True)
     check_number(runs, "runs", lo=1, integer=True)
     x = _example_input(model, shape, batch_size, random=True)
-    with _eval_mode(model), num_threads(threads), torch.inference_mode():
+    with eval_mode(model), num_threads(threads), torch.inference_mode():
         t = time_calls(lambda: model(x), warmup, runs)
         used = torch.get_num_threads()
     return dict(median_ms=t["median_ms"], p90_ms=t["p90_ms"], batch_size=batch_size, threads=used, runs=runs)
