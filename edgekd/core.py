@@ -19,7 +19,7 @@ import torch
 # %% auto #0
 __all__ = ['set_seed', 'EdgeKDError', 'ConfigError', 'DataNotFoundError', 'ShapeError', 'ArtifactError', 'check_number',
            'check_choice', 'check_shape', 'default_mode', 'writable_dir', 'atomic_dir', 'atomic_write', 'num_threads',
-           'eval_mode']
+           'is_exported', 'set_mode', 'eval_mode', 'get_device', 'accuracy']
 
 # %% ../nbs/00_core.ipynb #de401cb2
 def set_seed(seed:int=0, # the seed for python, numpy and torch
@@ -168,13 +168,73 @@ def num_threads(n:int|None, # threads for torch ops inside the block (None: leav
     try: yield
     finally: torch.set_num_threads(old)
 
+# %% ../nbs/00_core.ipynb #1104866c
+def is_exported(model, # any object, usually an `nn.Module`
+               )->bool:
+    "True for an exported ATen graph (`torch.export(...).module()`, PT2E prepared/converted), whose `.train()`/`.eval()` raise."
+    if not isinstance(model, torch.fx.GraphModule): return False
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in model.graph.nodes)
+
+# %% ../nbs/00_core.ipynb #27989a54
+_MODE_OPS = {"aten.batch_norm.default": 5, "aten.dropout.default": 2}  # op -> index of its `training` argument
+
+def _graph_training(model:torch.fx.GraphModule)->bool:
+    "The mode of an exported graph: the flag torchao records, else whether any batch_norm/dropout node trains."
+    flag = getattr(model, "_exported_training", None)
+    if flag is not None: return bool(flag)
+    return any(n.op == "call_function" and str(n.target) in _MODE_OPS and len(n.args) > _MODE_OPS[str(n.target)]
+               and n.args[_MODE_OPS[str(n.target)]] is True for n in model.graph.nodes)
+
+# %% ../nbs/00_core.ipynb #64a12c9e
+def set_mode(model:torch.nn.Module, # an eager module or an exported graph
+             training:bool, # True: training mode; False: eval mode
+            )->torch.nn.Module:
+    "Put `model` in training or eval mode, whether it is an eager module or an exported graph; return it."
+    if not is_exported(model): return model.train(bool(training))
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+    if _graph_training(model) != bool(training) or getattr(model, "_exported_training", None) is None:
+        setattr(model, "_exported_training", not training)  # make torchao's idempotence check rewrite the nodes
+        (move_exported_model_to_train if training else move_exported_model_to_eval)(model)
+    for m in model.modules(): m.training = bool(training)
+    return model
+
 # %% ../nbs/00_core.ipynb #2c9b5a98
 @contextlib.contextmanager
-def eval_mode(model:torch.nn.Module, # model to put in eval mode inside the block
+def eval_mode(model:torch.nn.Module, # model (eager or exported graph) to put in eval mode inside the block
              ):
-    "Put `model` in eval mode inside the block, then restore every submodule's own training flag."
+    "Put `model` in eval mode inside the block, then restore its mode (every submodule's own flag for eager models)."
+    if is_exported(model):
+        was = _graph_training(model)
+        set_mode(model, False)
+        try: yield model
+        finally: set_mode(model, was)
+        return
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try: yield model
     finally:
         for m, t in modes: m.training = t
+
+# %% ../nbs/00_core.ipynb #7432c535
+def get_device(device:str|torch.device="auto", # 'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:N', 'meta' or a torch.device
+              )->torch.device:
+    "The `torch.device` to train on; raise `ConfigError` for an unknown or unavailable device."
+    if isinstance(device, torch.device): return device
+    if not isinstance(device, str): raise ConfigError(f"device must be a string or torch.device, got {device!r}")
+    if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try: dev = torch.device(device)
+    except RuntimeError: raise ConfigError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but CUDA is not available here; use 'auto' or 'cpu'")
+    return dev
+
+# %% ../nbs/00_core.ipynb #d5dd5d01
+def accuracy(logits, # (n, classes) scores: a torch tensor or numpy array
+             targets, # (n,) integer labels: a torch tensor, numpy array or list
+            )->float:
+    "Fraction of samples whose arg-max score equals the label."
+    lg, y = np.asarray(logits.detach().cpu() if torch.is_tensor(logits) else logits), np.asarray(targets.cpu() if torch.is_tensor(targets) else targets)
+    if lg.ndim != 2 or y.ndim != 1 or len(lg) != len(y):
+        raise ShapeError(f"accuracy needs (n, classes) logits and (n,) labels, got {lg.shape} and {y.shape}")
+    if len(y) == 0: raise ConfigError("accuracy of an empty set is undefined")
+    return float((lg.argmax(1) == y).mean())

@@ -5,16 +5,21 @@
 # %% ../nbs/02_models.ipynb #1860c0ed
 from __future__ import annotations
 
+import copy
+import io
+import json
 from collections import OrderedDict
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .core import ConfigError, check_choice, check_number, check_shape
+from .core import ArtifactError, ConfigError, EdgeKDError, atomic_write, check_choice, check_number, check_shape, eval_mode, is_exported, set_mode, writable_dir
 
 # %% auto #0
-__all__ = ['MLP', 'ConvNet', 'CNN', 'DSCNN', 'list_models', 'get_model']
+__all__ = ['MLP', 'ConvNet', 'CNN', 'DSCNN', 'register_model', 'list_models', 'get_model', 'fold_masks', 'copy_model',
+           'save_model', 'load_model']
 
 # %% ../nbs/02_models.ipynb #824f93e9
 def _check_input_shape(input_shape:Sequence[int], # shape of one sample, without the batch dimension
@@ -41,6 +46,26 @@ def _check_widths(widths:Sequence[int], # layer widths (hidden units or channels
         raise ConfigError(f"{name} must be a {'' if allow_empty else 'non-empty '}sequence of positive integers, got {widths!r}")
     return ws
 
+# %% ../nbs/02_models.ipynb #97ff81b9
+def _tracing()->bool:
+    "True while torch.fx, torch.export/dynamo or the JIT tracer is tracing a model."
+    return torch.fx._symbolic_trace.is_fx_tracing() or torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+def _check_input_hook(module:nn.Module, args:tuple):
+    "Forward pre-hook: raise `ShapeError` if the input does not match `module.input_shape` (skipped while tracing)."
+    if args and torch.is_tensor(args[0]) and not _tracing(): check_shape(args[0], module.input_shape)
+
+# %% ../nbs/02_models.ipynb #17ca160a
+def _record_spec(model:nn.Module, # the model being constructed
+                 name:str, # its registry name, e.g. 'cnn'
+                 **kwargs, # constructor arguments besides input_shape and n_classes
+                ):
+    "Store `model._edgekd_spec` (name, input_shape, n_classes, kwargs) and install the input-shape check."
+    js = lambda v: list(v) if isinstance(v, tuple) else v
+    model._edgekd_spec = dict(name=name, input_shape=list(model.input_shape), n_classes=int(model.n_classes),
+                              kwargs={k: js(v) for k, v in kwargs.items()})
+    model.register_forward_pre_hook(_check_input_hook)
+
 # %% ../nbs/02_models.ipynb #c1ae7e67
 class MLP(nn.Module):
     "Multi-layer perceptron: flatten, then `Linear -> ReLU (-> Dropout)` per hidden width, then a linear classifier."
@@ -62,10 +87,9 @@ class MLP(nn.Module):
             n_in = w
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(n_in, n_classes)
+        _record_spec(self, "mlp", widths=widths, dropout=dropout)
 
-    def forward(self, x:torch.Tensor)->torch.Tensor:
-        check_shape(x, self.input_shape)
-        return self.head(self.features(x))
+    def forward(self, x:torch.Tensor)->torch.Tensor: return self.head(self.features(x))
 
     def extra_repr(self)->str: return f"input_shape={self.input_shape}, n_classes={self.n_classes}"
 
@@ -125,9 +149,7 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*blocks)
         self.head = _head(ndim, c_in, n_classes, dropout)
 
-    def forward(self, x:torch.Tensor)->torch.Tensor:
-        check_shape(x, self.input_shape)
-        return self.head(self.features(x))
+    def forward(self, x:torch.Tensor)->torch.Tensor: return self.head(self.features(x))
 
     def extra_repr(self)->str: return f"input_shape={self.input_shape}, n_classes={self.n_classes}"
 
@@ -141,6 +163,7 @@ class CNN(ConvNet):
                  dropout:float=0.0, # dropout probability before the classifier, in [0, 1)
                 ):
         super().__init__(input_shape, n_classes, channels, dropout, lambda i, ndim, c_in, c: _conv_bn_relu(ndim, c_in, c))
+        _record_spec(self, "cnn", channels=tuple(channels), dropout=dropout)
 
 # %% ../nbs/02_models.ipynb #b5881813
 def _separable_block(i, ndim, c_in, c):
@@ -157,20 +180,149 @@ class DSCNN(ConvNet):
                  dropout:float=0.0, # dropout probability before the classifier, in [0, 1)
                 ):
         super().__init__(input_shape, n_classes, channels, dropout, _separable_block)
+        _record_spec(self, "dscnn", channels=tuple(channels), dropout=dropout)
 
 # %% ../nbs/02_models.ipynb #ca97c344
-_MODELS = {"cnn": CNN, "dscnn": DSCNN, "mlp": MLP}
+_MODELS = {}
+
+def register_model(name:str, # lowercase name used by `get_model`, the CLI and recipe files
+                   cls:Callable, # `cls(input_shape, n_classes, **kwargs)` -> nn.Module
+                  ):
+    "Make `get_model(name, ...)` build `cls`; models built that way save and reload by name."
+    if not isinstance(name, str) or not name or name != name.lower() or not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"model name must be lowercase letters, digits, '-' or '_', got {name!r}")
+    if not callable(cls): raise ConfigError(f"model class for {name!r} must be callable, got {cls!r}")
+    _MODELS[name] = cls
+    return cls
+
+for _n, _c in (("cnn", CNN), ("dscnn", DSCNN), ("mlp", MLP)): register_model(_n, _c)
 
 def list_models()->list:
     "Names accepted by `get_model`, sorted."
     return sorted(_MODELS)
 
 # %% ../nbs/02_models.ipynb #dc081f7e
-def get_model(name:str, # one of `list_models()`: 'cnn', 'dscnn' or 'mlp'
+def get_model(name:str, # one of `list_models()`: 'cnn', 'dscnn', 'mlp' or a registered name
               input_shape:Sequence[int], # shape of one sample without batch, e.g. `dls.input_shape`
               n_classes:int, # number of output logits, e.g. `dls.n_classes`
               **kwargs, # passed to the model class (widths, channels, dropout)
              )->nn.Module:
     "Build the model called `name` for inputs of `input_shape` and `n_classes` classes."
     check_choice(name, "model", list_models())
-    return _MODELS[name](input_shape, n_classes, **kwargs)
+    try: model = _MODELS[name](input_shape, n_classes, **kwargs)
+    except TypeError as e:
+        if "argument" not in str(e): raise
+        raise ConfigError(f"model {name!r} does not accept {', '.join(map(repr, kwargs)) or 'these arguments'}: {e}") from None
+    if getattr(model, "_edgekd_spec", None) is None:
+        model.input_shape, model.n_classes = tuple(input_shape), int(n_classes)
+        _record_spec(model, name, **kwargs)
+    return model
+
+# %% ../nbs/02_models.ipynb #4b8eed63
+def fold_masks(model:nn.Module, # a model, possibly carrying `torch.nn.utils.prune` masks
+              )->nn.Module:
+    "Make every `torch.nn.utils.prune` mask permanent (in place): `weight_orig * weight_mask` becomes `weight`."
+    from torch.nn.utils import prune
+    for m in model.modules():
+        for hook in list(m._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod): prune.remove(m, hook._tensor_name)
+    return model
+
+# %% ../nbs/02_models.ipynb #dec07b61
+def copy_model(model:nn.Module, # any model, including one pruned with `torch.nn.utils.prune`
+              )->nn.Module:
+    "A deep copy of `model` (plain `copy.deepcopy` fails on modules whose masked weights carry autograd history)."
+    from torch.nn.utils import prune
+    with torch.no_grad():
+        for m in model.modules():
+            for hook in list(m._forward_pre_hooks.values()):
+                if isinstance(hook, prune.BasePruningMethod): setattr(m, hook._tensor_name, hook.apply_mask(m))
+    return copy.deepcopy(model)
+
+# %% ../nbs/02_models.ipynb #55609980
+def _spec_fits(model:nn.Module)->bool:
+    "True if `model` is an eager edgekd model that its recorded spec rebuilds exactly (module types, names, shapes)."
+    spec = getattr(model, "_edgekd_spec", None)
+    if spec is None or is_exported(model) or spec["name"] not in _MODELS: return False
+    try: ref = get_model(spec["name"], spec["input_shape"], spec["n_classes"], **spec["kwargs"])
+    except Exception: return False
+    types = lambda m: [(n, type(s)) for n, s in m.named_modules()]
+    shapes = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items()]
+    return types(ref) == types(model) and shapes(ref) == shapes(model)
+
+# %% ../nbs/02_models.ipynb #38cbce43
+_FORMAT = "edgekd-model"
+
+def _example(model:nn.Module, example_input)->torch.Tensor:
+    "An input to trace `model` with: `example_input`, else a batch of 2 random samples of `model.input_shape`."
+    if example_input is not None: return example_input
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        raise ConfigError(f"save_model needs example_input= for a {type(model).__name__} (it has no input_shape attribute)")
+    return torch.randn(2, *shape)
+
+def _export_program(model:nn.Module, x:torch.Tensor):
+    "`torch.export` the eval-mode model with a dynamic batch dimension (static if the model pins it)."
+    with eval_mode(model), torch.no_grad():
+        try: return torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+        except Exception as e:
+            raise ConfigError(f"cannot save {type(model).__name__}: torch.export failed ({str(e).splitlines()[0][:200]})") from e
+
+# %% ../nbs/02_models.ipynb #b33e41f0
+def save_model(model:nn.Module, # the model: eager (any architecture) or an exported graph
+               path:str|Path, # file to write (parent folders are created); written atomically
+               example_input:torch.Tensor|None=None, # a batch to trace non-edgekd models with (default: from `model.input_shape`)
+              )->Path:
+    "Save `model` with its architecture: a JSON spec + weights if its constructor rebuilds it, else a `torch.export` program."
+    if not isinstance(model, nn.Module): raise ConfigError(f"save_model needs an nn.Module, got {type(model).__name__}")
+    path = Path(path); writable_dir(path.parent, "folder of the model file")
+    meta = dict(input_shape=list(getattr(model, "input_shape", ()) or ()) or None,
+                n_classes=getattr(model, "n_classes", None), torch=torch.__version__)
+    if not is_exported(model):
+        model = fold_masks(copy_model(model))
+    if _spec_fits(model):
+        blob = dict(format=_FORMAT, version=1, kind="spec", meta=json.dumps(meta),
+                    spec=json.dumps(model._edgekd_spec), state_dict=model.state_dict())
+    else:
+        from torch._export.serde.serialize import serialize
+        ep = _export_program(model, _example(model, example_input))
+        bad = [k for k, v in ep.constants.items() if not torch.is_tensor(v)]
+        if bad: raise ConfigError(f"cannot save a model holding non-tensor constants {bad[:3]}")
+        art = serialize(ep, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
+        blob = dict(format=_FORMAT, version=1, kind="exported", meta=json.dumps(meta),
+                    program=torch.frombuffer(bytearray(art.exported_program), dtype=torch.uint8),
+                    state_dict=dict(ep.state_dict), constants=dict(ep.constants))
+    buf = io.BytesIO(); torch.save(blob, buf)
+    return atomic_write(path, buf.getvalue())
+
+# %% ../nbs/02_models.ipynb #9ebc64fd
+def _read_blob(path:Path)->dict:
+    "The dict stored by `save_model`, read with `weights_only=True`; `ArtifactError` if it is not one."
+    if not path.is_file(): raise ArtifactError(f"model file {str(path)!r} not found")
+    try: blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ArtifactError(f"{str(path)!r} is not a readable edgekd model file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+    if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
+        raise ArtifactError(f"{str(path)!r} is not an edgekd model file (a bare state_dict? save it with save_model)")
+    if blob.get("kind") not in ("spec", "exported"): raise ArtifactError(f"{str(path)!r} has an unknown model kind {blob.get('kind')!r}")
+    return blob
+
+def load_model(path:str|Path, # a file written by `save_model`
+              )->nn.Module:
+    "Rebuild the model saved by `save_model` (architecture and weights), in eval mode."
+    path = Path(path); blob = _read_blob(path); meta = json.loads(blob["meta"])
+    try:
+        if blob["kind"] == "spec":
+            spec = json.loads(blob["spec"])
+            model = get_model(spec["name"], spec["input_shape"], spec["n_classes"], **spec["kwargs"])
+            model.load_state_dict(blob["state_dict"])
+        else:
+            from torch._export.serde.serialize import SerializedArtifact, deserialize
+            art = SerializedArtifact(blob["program"].numpy().tobytes(), blob["state_dict"], blob["constants"], b"")
+            model = deserialize(art).module()
+            if meta.get("input_shape"): model.input_shape = tuple(meta["input_shape"])
+            if meta.get("n_classes"): model.n_classes = int(meta["n_classes"])
+    except EdgeKDError: raise
+    except Exception as e:
+        raise ArtifactError(f"cannot rebuild the model in {str(path)!r}: {str(e).splitlines()[0][:200]}") from e
+    return set_mode(model, False)

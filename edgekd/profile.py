@@ -5,6 +5,7 @@
 # %% ../nbs/04_profile.ipynb #c6a571e0
 from __future__ import annotations
 
+import copy
 import io
 import math
 import time
@@ -14,11 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import ConfigError, check_choice, check_number, eval_mode, num_threads
+from .core import ConfigError, check_choice, check_number, eval_mode, is_exported, num_threads
+from .models import copy_model, fold_masks
 
 # %% auto #0
-__all__ = ['count_params', 'count_nonzero', 'count_macs', 'serialized_bytes', 'time_calls', 'benchmark_latency', 'profile_model',
-           'format_table', 'plot_tradeoff']
+__all__ = ['count_params', 'count_nonzero', 'count_macs', 'serialized_bytes', 'model_bytes', 'time_calls', 'benchmark_latency',
+           'profile_model', 'format_table', 'plot_tradeoff']
 
 # %% ../nbs/04_profile.ipynb #a247f1fc
 def count_params(model:nn.Module, # any PyTorch model
@@ -62,33 +64,52 @@ def _example_input(model:nn.Module, # the model the input is for (gives dtype an
     g = torch.Generator().manual_seed(0)  # a private generator: profiling must not move the global RNG
     return torch.randn(batch_size, *input_shape, generator=g).to(dtype=dtype, device=device)
 
-# %% ../nbs/04_profile.ipynb #ac361702
-def count_macs(model:nn.Module, # model to measure (any mix of Conv1d/2d/3d and Linear modules counts)
-               input_shape:Sequence[int], # shape of one sample without batch, e.g. `model.input_shape`
+# %% ../nbs/04_profile.ipynb #edd52744
+def _model_shape(model:nn.Module, input_shape)->tuple:
+    "`input_shape` if given, else `model.input_shape`; `ConfigError` if neither exists."
+    if input_shape is None: input_shape = getattr(model, "input_shape", None)
+    if input_shape is None:
+        raise ConfigError(f"input_shape is needed: {type(model).__name__} has no input_shape attribute")
+    return _sample_shape(input_shape)
+
+def count_macs(model:nn.Module, # eager model or exported graph
+               input_shape:Sequence[int]|None=None, # shape of one sample without batch (default: `model.input_shape`)
               )->int:
-    "Multiply-accumulates of one forward pass on a single sample, counted with hooks on Conv1d/2d/3d and Linear."
-    shape, total = _sample_shape(input_shape), 0
-    def conv_hook(m, inp, out):
-        nonlocal total; total += out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
-    def linear_hook(m, inp, out):
-        nonlocal total; total += out.numel() * m.in_features
-    hooks = []
-    try:
-        for mod in model.modules():
-            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)): hooks.append(mod.register_forward_hook(conv_hook))
-            elif isinstance(mod, nn.Linear): hooks.append(mod.register_forward_hook(linear_hook))
-        with eval_mode(model), torch.no_grad(): model(_example_input(model, shape))
-    finally:
-        for h in hooks: h.remove()
-    return total
+    "Multiply-accumulates of one forward pass on one sample: `torch.utils.flop_counter.FlopCounterMode` FLOPs / 2."
+    from torch.utils.flop_counter import FlopCounterMode
+    shape, err = _model_shape(model, input_shape), None
+    for b in (1, 2):
+        try:
+            with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as fc:
+                model(_example_input(model, shape, b))
+            return int(fc.get_total_flops() // (2 * b))
+        except Exception as e: err = e
+    raise ConfigError(f"cannot count MACs: {type(model).__name__} fails on an input of shape (batch, {', '.join(map(str, shape))}): "
+                      f"{str(err).splitlines()[0][:160]}") from err
 
 # %% ../nbs/04_profile.ipynb #62329742
-def serialized_bytes(model:nn.Module, # model whose `state_dict` is measured
+def _effective_state(model:nn.Module)->dict:
+    "The tensors that would ship: the state_dict with `torch.nn.utils.prune` masks folded into the weights."
+    if is_exported(model) or not any(k.endswith("_mask") for k in model.state_dict()): return model.state_dict()
+    return fold_masks(copy_model(model)).state_dict()
+
+def serialized_bytes(model:nn.Module, # model whose `state_dict` is measured (prune masks are folded first)
                     )->int:
-    "Size in bytes of `torch.save(model.state_dict())`, written to memory."
+    "Size in bytes of `torch.save(state_dict)`, written to memory, with pruning masks folded into the weights."
     buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
+    torch.save(_effective_state(model), buf)
     return buf.getbuffer().nbytes
+
+# %% ../nbs/04_profile.ipynb #983d542f
+def model_bytes(model:nn.Module, # eager model (masks folded) or exported graph
+               )->dict:
+    "`dense_bytes` (the `torch.save` file) and `compressed_bytes` (same file, tensors as bitmask + nonzero values when smaller)."
+    sd, dense = _effective_state(model), serialized_bytes(model)
+    saved = 0
+    for t in sd.values():
+        n, nz = t.numel(), int(torch.count_nonzero(t))
+        saved += max(0, n * t.element_size() - (math.ceil(n / 8) + nz * t.element_size()))
+    return dict(dense_bytes=dense, compressed_bytes=dense - saved)
 
 # %% ../nbs/04_profile.ipynb #7ebe30cb
 def time_calls(fn:Callable, # a function of no arguments: one call is one measurement
@@ -125,17 +146,18 @@ def benchmark_latency(model:nn.Module, # model to time (run in eval mode, restor
     return dict(median_ms=t["median_ms"], p90_ms=t["p90_ms"], batch_size=batch_size, threads=used, runs=runs)
 
 # %% ../nbs/04_profile.ipynb #ce90283a
-def profile_model(model:nn.Module, # model to profile
-                  input_shape:Sequence[int], # shape of one sample without batch, e.g. `model.input_shape`
+def profile_model(model:nn.Module, # model to profile: eager, pruned (masks or smaller layers) or an exported graph
+                  input_shape:Sequence[int]|None=None, # shape of one sample without batch (default: `model.input_shape`)
                   name:str="model", # label of the row (table and plot)
                   accuracy:float|None=None, # test accuracy as a fraction in [0, 1], if known
                   **bench_kw, # options of `benchmark_latency`: batch_size, threads, warmup, runs
                  )->dict:
-    "One results row: name, accuracy, params, nonzero, macs, bytes, latency_ms, latency_p90_ms, threads, batch_size."
+    "One results row: name, accuracy, params, nonzero, macs, bytes (dense), compressed_bytes, latency_ms, latency_p90_ms, threads, batch_size."
     if accuracy is not None: accuracy = float(check_number(accuracy, "accuracy", lo=0, hi=1))
-    lat = benchmark_latency(model, input_shape, **bench_kw)
+    shape = _model_shape(model, input_shape)
+    lat, size = benchmark_latency(model, shape, **bench_kw), model_bytes(model)
     return dict(name=name, accuracy=accuracy, params=count_params(model), nonzero=count_nonzero(model),
-                macs=count_macs(model, input_shape), bytes=serialized_bytes(model),
+                macs=count_macs(model, shape), bytes=size["dense_bytes"], compressed_bytes=size["compressed_bytes"],
                 latency_ms=lat["median_ms"], latency_p90_ms=lat["p90_ms"],
                 threads=lat["threads"], batch_size=lat["batch_size"])
 
