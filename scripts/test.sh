@@ -22,11 +22,17 @@ python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e 
   | grep -v "is ignored: it is neither a file nor a directory" || true
 python -c "import edgekd, nbdev; print('edgekd', edgekd.__version__, '| nbdev', nbdev.__version__)"
 
+as_root() {
+  if [ "$(id -u)" = 0 ]; then bash "$@"
+  elif command -v sudo >/dev/null; then sudo bash "$@"
+  else echo "$1 needs root: run 'sudo bash $1' once"; exit 1
+  fi
+}
 step "ARM64 emulation tools (qemu-user >= 8.1, debootstrap) for the ARM check"
-if [ "$(id -u)" = 0 ]; then bash scripts/install_arm_tools.sh
-elif command -v sudo >/dev/null; then sudo bash scripts/install_arm_tools.sh
-else echo "installing qemu-user and debootstrap needs root: run 'sudo bash scripts/install_arm_tools.sh' once"; exit 1
-fi
+as_root scripts/install_arm_tools.sh
+
+step "docs tools (Debian's chromium + chromium-driver, MathJax) for the docs site and its browser test"
+as_root scripts/install_docs_tools.sh
 
 step "notebooks and library are in sync (nbdev_clean + nbdev_export change nothing)"
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
@@ -44,9 +50,6 @@ fi
 step "run every chapter (cells flagged slow are skipped)"
 nbdev_test --timing --n_workers 2
 
-step "pytest: command line, install-level checks"
-python -m pytest -q tests
-
 step "docs pre-processing (nbdev_proc_nbs)"
 if command -v quarto >/dev/null; then
   nbdev_proc_nbs
@@ -55,5 +58,11 @@ else
   # processing itself does not need it, so run the same command with the installer switched off.
   python -c "import nbdev.quarto as q; q._ensure_quarto = lambda: print('Quarto not installed: processing notebooks only'); q.nbdev_proc_nbs.__wrapped__()"
 fi
+
+step "docs site (scripts/build_docs.py: nbconvert + MkDocs Material) -> _site/"
+python scripts/build_docs.py --mathjax "${EDGEKD_CACHE:-$HOME/.cache/edgekd}/mathjax/tex-svg.js"
+
+step "pytest: command line, ARM check, install-level checks, docs pages in a browser"
+python -m pytest -q tests
 
 step "all checks passed"
