@@ -186,15 +186,25 @@ def _graph_training(model:torch.fx.GraphModule)->bool:
                and n.args[_MODE_OPS[str(n.target)]] is True for n in model.graph.nodes)
 
 # %% ../nbs/00_core.ipynb #64a12c9e
+def _flip_mode_nodes(model:torch.fx.GraphModule, training:bool)->bool:
+    "Set the `training` argument of batch_norm/dropout nodes in place; False if the graph holds mode ops we do not know."
+    nodes = [n for n in model.graph.nodes if n.op == "call_function" and ("batch_norm" in str(n.target) or "dropout" in str(n.target))]
+    if any(str(n.target) not in _MODE_OPS or len(n.args) <= _MODE_OPS[str(n.target)] for n in nodes): return False
+    for n in nodes:
+        i = _MODE_OPS[str(n.target)]; n.args = n.args[:i] + (bool(training),) + n.args[i + 1:]
+    if nodes: model.recompile()
+    return True
+
 def set_mode(model:torch.nn.Module, # an eager module or an exported graph
              training:bool, # True: training mode; False: eval mode
             )->torch.nn.Module:
     "Put `model` in training or eval mode, whether it is an eager module or an exported graph; return it."
     if not is_exported(model): return model.train(bool(training))
-    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
-    if _graph_training(model) != bool(training) or getattr(model, "_exported_training", None) is None:
+    if not _flip_mode_nodes(model, training):   # other patterns (e.g. native batch norm): torchao's rewrites
+        from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
         setattr(model, "_exported_training", not training)  # make torchao's idempotence check rewrite the nodes
         (move_exported_model_to_train if training else move_exported_model_to_eval)(model)
+    setattr(model, "_exported_training", bool(training))
     for m in model.modules(): m.training = bool(training)
     return model
 
