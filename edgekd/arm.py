@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from .core import ArtifactError, EdgeKDError, atomic_dir, check_choice, check_number, writable_dir
-from .export import EDGE_DEVICE, available_ram_mb, edge_budget, load_bundle
+from .export.bundle import EDGE_DEVICE, available_ram_mb, edge_budget, load_bundle
+from .export.converters import ARTIFACTS
+from .export.runtimes import RUNTIMES as _RUNTIME_CLASSES
 
 # %% auto #0
 __all__ = ['QEMU_MIN', 'GUEST_CPU', 'DEBIAN_MIRROR', 'INSTALL_HINT', 'READY', 'GUEST_PROBE', 'RUNTIMES', 'CPU_PARTS',
@@ -272,7 +274,7 @@ def manylinux_tags(glibc:str="2.36", # the guest's glibc version
     return [f"manylinux2014_{arch}"] + [f"manylinux_2_{m}_{arch}" for m in range(17, minor + 1)]
 
 # %% ../nbs/51_arm.ipynb #a1dc0808
-RUNTIMES = {"onnxruntime": ("numpy", "onnxruntime"), "litert": ("numpy", "ai-edge-litert")}
+RUNTIMES = {name: ("numpy", *cls.requirements) for name, cls in _RUNTIME_CLASSES.items()}  # wheel set -> pip packages
 
 def _norm(name:str)->str: return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -382,11 +384,14 @@ def compare_outputs(actual, # logits from the device (array-like, (batch, classe
     return dict(max_abs_diff=diff, argmax_agreement=agree, passed=diff <= atol, note="")
 
 # %% ../nbs/51_arm.ipynb #f9c2bab8
-def _runtime_of(path:Path)->str:
-    "The wheel set that runs a model file, from its suffix."
-    kinds = {".onnx": "onnxruntime", ".tflite": "litert"}
-    if path.suffix not in kinds: raise ArtifactError(f"{path.name}: unknown model format {path.suffix!r}; expected .onnx or .tflite")
-    return kinds[path.suffix]
+def _runtime_of(path:Path, key:str|None=None, meta:dict|None=None)->str:
+    "The wheel set that runs an artifact: as its bundle records it, else its kind in `ARTIFACTS`, else the file suffix."
+    given = ((meta or {}).get("artifact_info") or {}).get(key, {}).get("runtime")
+    if given is None and key in ARTIFACTS: given = ARTIFACTS[key].runtime
+    if given is None: given = next((n for n, c in _RUNTIME_CLASSES.items() if path.suffix == f".{c.format}"), None)
+    if given not in RUNTIMES:
+        raise ArtifactError(f"{path.name}: unknown runtime {given!r} for artifact {key!r}; expected one of: {', '.join(RUNTIMES)}")
+    return given
 
 def _plan(bundle:Path, meta:dict, artifacts)->list[dict]:
     "Validate the requested artifacts of a bundle (files, references, tolerances) before anything runs."
@@ -400,7 +405,7 @@ def _plan(bundle:Path, meta:dict, artifacts)->list[dict]:
         if not ref or not (bundle/ref).is_file():
             raise ArtifactError(f"bundle {str(bundle)!r} has no x86 reference outputs for {key!r} (metadata.json reference.{key})")
         tol = check_number((meta.get("tolerance") or {}).get(key, 1e-4), f"tolerance of {key}", lo=0)
-        plan.append(dict(key=key, file=f, runtime=_runtime_of(f), reference=bundle/ref, tolerance=float(tol)))
+        plan.append(dict(key=key, file=f, runtime=_runtime_of(f, key, meta), reference=bundle/ref, tolerance=float(tol)))
     return plan
 
 def _check_artifact(bundle:Path, meta:dict, item:dict, run, native=None, threads:int=1, device:dict|None=None,

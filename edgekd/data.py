@@ -17,56 +17,112 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .core import (ConfigError, DataNotFoundError, EdgeKDError, ShapeError,
                          check_choice, check_number)
 
 # %% auto #0
-__all__ = ['DataLoaders', 'from_datasets', 'from_tensors', 'register_dataset', 'list_datasets', 'get_loaders', 'mnist1d_samples',
-           'write_idx_mnist']
+__all__ = ['DataLoaders', 'split_train_valid', 'from_datasets', 'from_tensors', 'register_dataset', 'list_datasets',
+           'get_loaders', 'mnist1d_samples', 'write_idx_mnist']
 
 # %% ../nbs/01_data.ipynb #945ac92e
 @dataclass
 class DataLoaders:
-    "A train and a test `DataLoader` plus what models and reports need to know about the data."
+    "Train, validation and test `DataLoader`s plus what models and reports need to know about the data."
     train: DataLoader # shuffled with a seeded generator
-    test: DataLoader # fixed order
+    valid: DataLoader|None # fixed order; a seeded split of the training data (None: no validation set)
+    test: DataLoader # fixed order, never depends on the seed
     n_classes: int # number of classes
     input_shape: tuple # shape of one input, without the batch dimension
     classes: list # class names, `classes[i]` is label `i`
     name: str # dataset name, used in reports
 
     def __repr__(self):
-        return (f"DataLoaders(name={self.name!r}, train={len(self.train.dataset)}, test={len(self.test.dataset)}, "
+        nv = 0 if self.valid is None else len(self.valid.dataset)
+        return (f"DataLoaders(name={self.name!r}, train={len(self.train.dataset)}, valid={nv}, test={len(self.test.dataset)}, "
                 f"batch_size={self.train.batch_size}, input_shape={self.input_shape}, n_classes={self.n_classes})")
+
+# %% ../nbs/01_data.ipynb #cf0f2602
+def split_train_valid(labels, # 1-D integer labels (stratified split), or the number of samples (plain split)
+                      valid_pct:float=0.2, # fraction of the samples held out for validation, 0 <= valid_pct < 1
+                      seed:int=0, # seeds the draw: same seed, same split
+                     )->tuple: # (train_idx, valid_idx): sorted int64 index tensors
+    "Split indices `0..n-1` into seeded, disjoint train and validation parts, stratified by label when labels are given."
+    check_number(valid_pct, "valid_pct", lo=0, hi=1, hi_open=True)
+    check_number(seed, "seed", lo=0, integer=True)
+    if isinstance(labels, (int, np.integer)): n, labels = int(labels), None
+    else:
+        labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
+        if labels.ndim != 1: raise ShapeError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
+        n = len(labels)
+    n_valid = int(math.floor(n * valid_pct + 0.5))
+    if valid_pct > 0 and not 1 <= n_valid < n:
+        raise ConfigError(f"valid_pct={valid_pct} of {n} samples gives {n_valid} validation samples; "
+                          f"it must leave at least one sample in each part")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    if labels is None or n_valid == 0: valid = perm[:n_valid]
+    else:
+        lab = labels[perm]
+        classes, counts = torch.unique(lab, return_counts=True)
+        exact = counts.double() * n_valid / n
+        quota = exact.floor().long()
+        extra = torch.argsort(quota - exact, stable=True)[:n_valid - int(quota.sum())]   # largest remainders
+        quota[extra] += 1
+        valid = torch.cat([perm[lab == c][:q] for c, q in zip(classes, quota.tolist())])
+    in_valid = torch.zeros(n, dtype=torch.bool); in_valid[valid] = True
+    return torch.nonzero(~in_valid).flatten(), torch.nonzero(in_valid).flatten()
+
+# %% ../nbs/01_data.ipynb #98fb8c49
+def _subset(ds:Dataset, idx:torch.Tensor)->Dataset:
+    "The items `idx` of `ds`, as a dataset of the same kind when possible."
+    if isinstance(ds, TensorDataset): return TensorDataset(*(t[idx] for t in ds.tensors))
+    if callable(getattr(ds, 'subset', None)): return ds.subset(idx)
+    return Subset(ds, idx.tolist())
+
+def _labels(ds:Dataset):
+    "1-D integer labels of `ds` if they can be read without loading the inputs, else None."
+    y = ds.tensors[1] if isinstance(ds, TensorDataset) and len(ds.tensors) > 1 else getattr(ds, 'labels', getattr(ds, 'targets', None))
+    if y is None: return None
+    y = torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y)
+    return y if y.ndim == 1 and not y.is_floating_point() and len(y) == len(ds) else None
 
 # %% ../nbs/01_data.ipynb #185d1423
 def from_datasets(train_ds:Dataset, # training set; items are `(x, y)` with `x` a tensor
                   test_ds:Dataset, # test set, same input shape as `train_ds`
                   n_classes:int, # number of classes (labels are 0 .. n_classes-1)
                   batch_size:int=64, # samples per batch
-                  seed:int=0, # seeds the order of the training batches (and nothing else)
+                  seed:int=0, # seeds the order of the training batches and the validation split
                   classes:list|None=None, # class names (default: '0', '1', ...)
                   name:str='custom', # dataset name, used in reports
                   num_workers:int=0, # worker processes per loader (0: load in the main process)
+                  valid_ds:Dataset|None=None, # explicit validation set (None: split one off `train_ds`)
+                  valid_pct:float=0.2, # fraction of `train_ds` held out for validation when `valid_ds` is None (0: none)
                  )->DataLoaders:
-    "Wrap two map-style datasets into seeded `DataLoaders`: shuffled train, fixed-order test."
+    "Wrap map-style datasets into seeded `DataLoaders`: shuffled train, fixed-order validation and test."
     check_number(batch_size, "batch_size", lo=0, lo_open=True, integer=True)
     check_number(seed, "seed", lo=0, integer=True)
     check_number(n_classes, "n_classes", lo=1, integer=True)
     check_number(num_workers, "num_workers", lo=0, integer=True)
-    for nm, ds in (("train_ds", train_ds), ("test_ds", test_ds)):
+    check_number(valid_pct, "valid_pct", lo=0, hi=1, hi_open=True)
+    named = [("train_ds", train_ds), ("test_ds", test_ds)] + ([("valid_ds", valid_ds)] if valid_ds is not None else [])
+    for nm, ds in named:
         if len(ds) == 0: raise ConfigError(f"{nm} is empty")
         if not torch.is_tensor(ds[0][0]): raise ConfigError(f"{nm} items must be (tensor, label), got {type(ds[0][0]).__name__} inputs")
-    shape, test_shape = tuple(train_ds[0][0].shape), tuple(test_ds[0][0].shape)
-    if shape != test_shape: raise ShapeError(f"test inputs have shape {test_shape} but train inputs have {shape}")
+    shape = tuple(train_ds[0][0].shape)
+    for nm, ds in named[1:]:
+        if tuple(ds[0][0].shape) != shape:
+            raise ShapeError(f"{nm.split('_')[0]} inputs have shape {tuple(ds[0][0].shape)} but train inputs have {shape}")
     classes = [str(i) for i in range(n_classes)] if classes is None else [str(c) for c in classes]
     if len(classes) != n_classes: raise ConfigError(f"classes has {len(classes)} names but n_classes is {n_classes}")
+    if valid_ds is None and valid_pct > 0:
+        y = _labels(train_ds)
+        tr_idx, va_idx = split_train_valid(len(train_ds) if y is None else y, valid_pct, seed)
+        train_ds, valid_ds = _subset(train_ds, tr_idx), _subset(train_ds, va_idx)
     g = torch.Generator().manual_seed(int(seed))
+    fixed = lambda ds: DataLoader(ds, batch_size=int(batch_size), shuffle=False, num_workers=int(num_workers))
     train = DataLoader(train_ds, batch_size=int(batch_size), shuffle=True, generator=g, num_workers=int(num_workers))
-    test = DataLoader(test_ds, batch_size=int(batch_size), shuffle=False, num_workers=int(num_workers))
-    return DataLoaders(train, test, int(n_classes), shape, classes, name)
+    return DataLoaders(train, None if valid_ds is None else fixed(valid_ds), fixed(test_ds), int(n_classes), shape, classes, name)
 
 # %% ../nbs/01_data.ipynb #f9773cef
 def _as_labels(y, name):
@@ -84,24 +140,31 @@ def from_tensors(x_train, # training inputs, shape (n, ...)
                  x_test, # test inputs, same shape as `x_train` after the first dimension
                  y_test, # test labels, shape (m,)
                  batch_size:int=64, # samples per batch
-                 seed:int=0, # seeds the order of the training batches
+                 seed:int=0, # seeds the order of the training batches and the validation split
                  classes:list|None=None, # class names (default: '0' .. str(max label))
                  name:str='custom', # dataset name, used in reports
                  num_workers:int=0, # worker processes per loader
+                 x_valid=None, # validation inputs (None: split `valid_pct` off the training data)
+                 y_valid=None, # validation labels, given together with `x_valid`
+                 valid_pct:float=0.2, # fraction of the training data held out when `x_valid` is None (0: none)
                 )->DataLoaders:
     "Build `DataLoaders` from arrays or tensors: inputs become float32, labels int64."
-    xs = [torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).float() for x in (x_train, x_test)]
-    ys = [_as_labels(y, nm) for y, nm in ((y_train, "y_train"), (y_test, "y_test"))]
-    for x, y, s in zip(xs, ys, ("train", "test")):
+    if (x_valid is None) != (y_valid is None): raise ConfigError("pass x_valid and y_valid together, or neither")
+    names = ("train", "test") + (("valid",) if x_valid is not None else ())
+    xs = [torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).float() for x in (x_train, x_test, x_valid)[:len(names)]]
+    ys = [_as_labels(y, f"y_{s}") for y, s in zip((y_train, y_test, y_valid), names)]
+    for x, y, s in zip(xs, ys, names):
         if x.ndim < 2: raise ShapeError(f"x_{s} must have shape (n, ...), got {tuple(x.shape)}")
         if len(x) != len(y): raise ShapeError(f"x_{s} has {len(x)} samples but y_{s} has {len(y)}")
-    if xs[0].shape[1:] != xs[1].shape[1:]:
-        raise ShapeError(f"x_test samples have shape {tuple(xs[1].shape[1:])} but x_train samples have {tuple(xs[0].shape[1:])}")
+    for x, s in zip(xs[1:], names[1:]):
+        if x.shape[1:] != xs[0].shape[1:]:
+            raise ShapeError(f"x_{s} samples have shape {tuple(x.shape[1:])} but x_train samples have {tuple(xs[0].shape[1:])}")
     top = max(int(y.max()) for y in ys if len(y))
     n_classes = top + 1 if classes is None else len(classes)
     if top >= n_classes: raise ConfigError(f"label {top} is out of range for {n_classes} classes {list(classes)}")
-    return from_datasets(TensorDataset(xs[0], ys[0]), TensorDataset(xs[1], ys[1]), n_classes,
-                         batch_size=batch_size, seed=seed, classes=classes, name=name, num_workers=num_workers)
+    dss = [TensorDataset(x, y) for x, y in zip(xs, ys)]
+    return from_datasets(dss[0], dss[1], n_classes, batch_size=batch_size, seed=seed, classes=classes, name=name,
+                         num_workers=num_workers, valid_ds=dss[2] if len(dss) > 2 else None, valid_pct=valid_pct)
 
 # %% ../nbs/01_data.ipynb #b48ef221
 _DATASETS: dict[str, Callable] = {}
@@ -125,20 +188,22 @@ def list_datasets()->list[str]:
 def get_loaders(name:str='digits', # a name from `list_datasets()`
                 root:str|os.PathLike|None=None, # data folder (default: $EDGEKD_DATA, else ./data); unused by digits and mnist1d
                 batch_size:int=64, # samples per batch
-                seed:int=0, # seeds the order of the training batches only; splits never depend on it
+                seed:int=0, # seeds the training order and the validation split; the test set never depends on it
                 download:bool=False, # torchvision datasets: download missing files
                 num_workers:int=0, # worker processes per loader
+                valid_pct:float=0.2, # fraction of the training data held out for validation (stratified; 0: none)
                )->DataLoaders:
-    "Return seeded train/test `DataLoaders` for the registered dataset `name`."
+    "Return seeded train/valid/test `DataLoaders` for the registered dataset `name`."
     check_choice(name, "dataset", list_datasets())
     check_number(batch_size, "batch_size", lo=0, lo_open=True, integer=True)
     check_number(seed, "seed", lo=0, integer=True)
     check_number(num_workers, "num_workers", lo=0, integer=True)
+    check_number(valid_pct, "valid_pct", lo=0, hi=1, hi_open=True)
     if not isinstance(download, bool): raise ConfigError(f"download must be True or False, got {download!r}")
     root = Path(os.environ.get("EDGEKD_DATA") or "data") if root is None else Path(root)
     train_ds, test_ds, classes = _DATASETS[name](root.expanduser().absolute(), download)
     return from_datasets(train_ds, test_ds, len(classes), batch_size=batch_size, seed=seed,
-                         classes=classes, name=name, num_workers=num_workers)
+                         classes=classes, name=name, num_workers=num_workers, valid_pct=valid_pct)
 
 # %% ../nbs/01_data.ipynb #fc71467b
 _DIGITS_SPLIT_SEED = 0
@@ -224,10 +289,11 @@ class _ImageTensors(Dataset):
     "uint8 images `(n, c, h, w)` + labels; items are normalised float32 images and int64 labels."
     def __init__(self, images, labels, mean, std):
         self.images, self.labels = images, torch.as_tensor(labels, dtype=torch.int64)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
     def __len__(self): return len(self.labels)
     def __getitem__(self, i): return (self.images[i].float() / 255 - self.mean) / self.std, self.labels[i]
+    def subset(self, idx): return _ImageTensors(self.images[idx], self.labels[idx], self.mean, self.std)
 
 # %% ../nbs/01_data.ipynb #9461f098
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -9,17 +9,18 @@ import importlib
 import inspect
 import json
 import math
+import pkgutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .core import ConfigError, atomic_dir, atomic_write, check_choice
+from .core import ConfigError, atomic_dir, atomic_write, check_choice, check_number
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'EXPERIMENT_MODULES', 'mean_std', 'summarize', 'ExperimentResult', 'register_experiment',
-           'list_experiments', 'experiment_options', 'run_experiment', 'track']
+__all__ = ['EXPERIMENTS', 'EXPERIMENT_PACKAGE', 'mean_std', 'summarize', 'paired_diff', 'ExperimentResult', 'register_experiment',
+           'experiment_modules', 'list_experiments', 'experiment_options', 'run_experiment', 'track']
 
 # %% ../nbs/05_experiments.ipynb #74a0a69c
 def mean_std(values:Iterable[float])->tuple[float, float]:
@@ -52,6 +53,21 @@ def summarize(runs:list[dict], # one row per (setting, seed)
             row[m] = f"{k * mu:.2f} ± {k * sd:.2f}"
         out.append(row)
     return out
+
+# %% ../nbs/05_experiments.ipynb #553d9a5d
+def paired_diff(a:Iterable[float], # per-seed values of a method
+                b:Iterable[float], # per-seed values of the baseline: the same seeds, in the same order
+                confidence:float=0.95, # coverage of the interval, in (0, 1)
+               )->dict: # mean, lo, hi (the interval) and n
+    "Mean of the per-seed differences `a - b` with a Student-t confidence interval (at least two seeds)."
+    a, b = [float(x) for x in a], [float(x) for x in b]
+    if len(a) != len(b): raise ConfigError(f"paired_diff needs one value per seed on both sides, got {len(a)} and {len(b)}")
+    if len(a) < 2: raise ConfigError(f"paired_diff needs at least 2 seeds for an interval, got {len(a)}")
+    check_number(confidence, "confidence", lo=0, hi=1, lo_open=True, hi_open=True)
+    from scipy.stats import t
+    m, s = mean_std([x - y for x, y in zip(a, b)])
+    h = float(t.ppf((1 + confidence) / 2, len(a) - 1)) * s / math.sqrt(len(a))
+    return dict(mean=m, lo=m - h, hi=m + h, n=len(a))
 
 # %% ../nbs/05_experiments.ipynb #2987d5c4
 @dataclass
@@ -100,7 +116,7 @@ ExperimentResult.save = _save
 
 # %% ../nbs/05_experiments.ipynb #ca149192
 EXPERIMENTS = {}  # name -> (function, one-line description)
-EXPERIMENT_MODULES = ["edgekd.kd", "edgekd.losses", "edgekd.export"]  # chapter modules that register experiments
+EXPERIMENT_PACKAGE = "edgekd.experiments"  # every module of this package registers its experiments when imported
 
 def register_experiment(name:str, # the name used by `edgekd reproduce NAME`
                         description:str, # one line shown by `edgekd reproduce --list`
@@ -110,12 +126,21 @@ def register_experiment(name:str, # the name used by `edgekd reproduce NAME`
     return deco
 
 # %% ../nbs/05_experiments.ipynb #c898fb7f
-def list_experiments()->dict:
-    "Import the chapter modules and return {name: description} of every registered experiment."
-    for m in EXPERIMENT_MODULES:
-        try: importlib.import_module(m)
-        except ModuleNotFoundError as e:
-            if e.name != m: raise
+def experiment_modules(package:str=EXPERIMENT_PACKAGE, # a package, with or without an `__init__.py`
+                      )->list: # full module names, sorted
+    "Names of the modules of `package`, found on its path by `pkgutil` (modules whose name starts with `_` are skipped)."
+    try: pkg = importlib.import_module(package)
+    except ModuleNotFoundError as e:
+        if e.name == package: return []   # no experiment module installed yet
+        raise
+    if not hasattr(pkg, "__path__"): raise ConfigError(f"{package!r} is a module, not a package of experiment modules")
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__, package + ".") if not m.name.rsplit(".", 1)[1].startswith("_"))
+
+# %% ../nbs/05_experiments.ipynb #8934b358
+def list_experiments(package:str=EXPERIMENT_PACKAGE, # the package whose modules register experiments
+                    )->dict:
+    "Import every module of `package` (each registers its experiments) and return {name: description} of all registered ones."
+    for m in experiment_modules(package): importlib.import_module(m)
     return {k: d for k, (_, d) in sorted(EXPERIMENTS.items())}
 
 # %% ../nbs/05_experiments.ipynb #5ce5737c
@@ -124,7 +149,7 @@ _RUNNER_ARGS = ("seeds", "fast", "progress")
 def experiment_options(name:str, # a name from `list_experiments()`
                       )->dict: # option -> default value
     "The experiment-specific options of `name` (its keyword arguments besides seeds, fast and progress)."
-    check_choice(name, "experiment", list_experiments())
+    if name not in EXPERIMENTS: check_choice(name, "experiment", list_experiments())   # discover only when needed
     sig = inspect.signature(EXPERIMENTS[name][0])
     return {k: p.default for k, p in sig.parameters.items() if k not in _RUNNER_ARGS and p.kind is p.POSITIONAL_OR_KEYWORD}
 

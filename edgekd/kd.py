@@ -5,30 +5,18 @@
 # %% ../nbs/10_kd_theory.ipynb #f232df4e
 from __future__ import annotations
 
-import math
-import tempfile
 import warnings
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .core import ConfigError, ShapeError, check_choice, check_number, eval_mode, num_threads, set_seed
-from .data import get_loaders, mnist1d_samples, write_idx_mnist
-from .experiment import ExperimentResult, register_experiment, summarize, track
-from .learner import Callback, Learner, SchedulerCB
-from .models import CNN, MLP
+from .core import ConfigError, ShapeError, check_number, eval_mode, is_exported, set_mode
+from .learner import Callback
 
 # %% auto #0
-__all__ = ['TEACHER_RECIPES', 'HINTON_FULL', 'HINTON_FAST', 'FEW_LABEL_STUDENTS', 'FEW_FULL', 'FEW_FAST', 'OMIT_FULL',
-           'OMIT_FAST', 'TEMP_FULL', 'TEMP_FAST', 'HMNIST_FULL', 'HMNIST_FAST', 'softmax_t', 'soft_target_loss',
-           'kd_loss', 'DistillationCB', 'teacher_logits', 'dataset_tensors', 'with_teacher_logits', 'fit_model',
-           'accuracy', 'embedded_split', 'train_teacher', 'mnist1d_transfer_set', 'hinton_experiment',
-           'stratified_subset', 'train_subset_student', 'few_labels_experiment', 'shift_logit', 'best_bias_shift',
-           'omitted_class_experiment', 'temperature_experiment', 'random_shift', 'JitterCB', 'hinton_mnist_experiment']
+__all__ = ['softmax_t', 'soft_target_loss', 'kd_loss', 'DistillationCB', 'model_logits', 'dataset_tensors', 'with_teacher_logits']
 
 # %% ../nbs/10_kd_theory.ipynb #33618394
 def softmax_t(logits:torch.Tensor, # (batch, classes) raw scores
@@ -80,7 +68,7 @@ def kd_loss(student_logits:torch.Tensor, # (batch, classes) student scores
 class DistillationCB(Callback):
     "Train the student on `kd_loss` against a frozen `teacher`, or against teacher logits carried by the batches (`teacher=None`)."
     order = -5
-    def __init__(self, teacher:nn.Module|None, # trained teacher (frozen and put in eval mode during fit), or None: batches end with cached teacher logits
+    def __init__(self, teacher:nn.Module|None, # trained teacher, eager or exported (frozen and in eval mode during fit), or None: batches end with cached teacher logits
                  temperature:float=4.0, # T > 0
                  alpha:float=0.9, # weight of the distillation term in [0, 1]
                  hard:bool=False, # True: imitate the teacher's arg-max labels instead of its soft targets
@@ -88,16 +76,18 @@ class DistillationCB(Callback):
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise ConfigError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__} "
                               "(or None when the training batches carry the teacher's logits)")
-        self.teacher, self.hard = teacher, bool(hard)
+        self.teacher, self.hard, self._grad = teacher, bool(hard), None
         self.temperature = check_number(temperature, "temperature", lo=0, lo_open=True)
         self.alpha = check_number(alpha, "alpha", 0, 1)
 
     def before_fit(self, learn):
         if self.teacher is None: return
-        if self.teacher.training:
+        if not is_exported(self.teacher) and self.teacher.training:
             warnings.warn("DistillationCB: the teacher was in train mode; switched it to eval mode "
                           "(dropout off, batch-norm statistics frozen) for distillation", stacklevel=2)
-        self.teacher.eval()
+        set_mode(self.teacher, False)
+        p0, dev = next(iter(self.teacher.parameters()), None), getattr(learn, "device", None)
+        if p0 is not None and dev is not None and p0.device != torch.device(dev): self.teacher.to(dev)
         self._grad = [p.requires_grad for p in self.teacher.parameters()]
         for p in self.teacher.parameters(): p.requires_grad_(False)
 
@@ -117,20 +107,25 @@ class DistillationCB(Callback):
             with torch.no_grad(): t = self.teacher(learn.xb)
         learn.loss = kd_loss(learn.preds, t, learn.yb[0] if learn.yb else None, self.temperature, self.alpha, self.hard)
 
-    def after_fit(self, learn):
-        if self.teacher is None: return
+    def cleanup(self, learn):
+        "Unfreeze the teacher (each parameter gets its `requires_grad` back); the Learner calls this after every fit, failed or not."
+        if self.teacher is None or self._grad is None: return
         for p, g in zip(self.teacher.parameters(), self._grad): p.requires_grad_(g)
+        self._grad = None
 
 # %% ../nbs/10_kd_theory.ipynb #d05152d3
-def teacher_logits(teacher:nn.Module, # a trained model
-                   x:torch.Tensor, # (n, *input_shape) inputs
-                   batch_size:int=1024, # inputs per forward pass
-                  )->torch.Tensor: # (n, classes) logits
-    "Logits of `teacher` for all of `x`, computed in eval mode without gradients, `batch_size` rows at a time."
-    if not isinstance(teacher, nn.Module): raise ConfigError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+def model_logits(model:nn.Module, # any classifier, eager or exported: a teacher, a student
+                 x:torch.Tensor, # (n, *input_shape) inputs
+                 batch_size:int=1024, # inputs per forward pass
+                )->torch.Tensor: # (n, classes) logits, on the model's device
+    "Logits of `model` for all of `x`, computed in eval mode (restored afterwards) without gradients, `batch_size` rows at a time."
+    if not isinstance(model, nn.Module): raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_number(batch_size, "batch_size", lo=0, lo_open=True, integer=True)
-    with eval_mode(teacher), torch.no_grad():
-        return torch.cat([teacher(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    if len(x) == 0: raise ShapeError(f"model_logits needs at least one input, got x of shape {tuple(x.shape)}")
+    p0 = next(iter(model.parameters()), None)
+    dev = x.device if p0 is None else p0.device
+    with eval_mode(model), torch.no_grad():
+        return torch.cat([model(x[i:i + batch_size].to(dev)) for i in range(0, len(x), batch_size)])
 
 # %% ../nbs/10_kd_theory.ipynb #6f6cda29
 def dataset_tensors(data:Dataset|torch.Tensor, # a map-style dataset of tuples `(x, ...)`, or a tensor of inputs
@@ -154,442 +149,4 @@ def with_teacher_logits(data:Dataset|torch.Tensor, # `(x, y)` samples, `(x,)` sa
                        )->TensorDataset: # samples `(x, y, logits)` or `(x, logits)`
     "A dataset whose samples end with the teacher's logits, computed once, for `DistillationCB(None, ...)`."
     cols = dataset_tensors(data, batch_size)
-    return TensorDataset(*cols, teacher_logits(teacher, cols[0], batch_size))
-
-# %% ../nbs/10_kd_theory.ipynb #076540e3
-def fit_model(model:nn.Module, # the model to train
-              data:Dataset, # training samples `(x, y)`, `(x, y, logits)` or `(x, logits)`
-              epochs:int, # passes over `data`
-              lr:float=1e-2, # peak learning rate of the one-cycle schedule
-              batch_size:int=128, # samples per batch
-              seed:int=0, # seeds the order of the batches
-              cbs:list=(), # extra callbacks, e.g. `DistillationCB`
-              threads:int|None=1, # torch threads during training (None: leave torch's setting)
-             )->nn.Module: # the trained model, in eval mode
-    "Train `model` on `data` with AdamW and a one-cycle schedule, without validation."
-    check_number(batch_size, "batch_size", lo=0, lo_open=True, integer=True)
-    dl = DataLoader(data, batch_size=int(batch_size), shuffle=True, generator=torch.Generator().manual_seed(int(seed)))
-    learn = Learner(model, SimpleNamespace(train=dl, test=None), lr=lr, cbs=[SchedulerCB("onecycle"), *cbs], progress=False)
-    with num_threads(threads): learn.fit(epochs)
-    return model.eval()
-
-# %% ../nbs/10_kd_theory.ipynb #25e113c0
-def accuracy(model:nn.Module, # a classifier
-             x:torch.Tensor, # (n, *input_shape) inputs
-             y:torch.Tensor, # (n,) labels
-            )->float:
-    "Fraction of `x` that `model` classifies as `y` (eval mode, no gradients)."
-    return float((teacher_logits(model, x).argmax(1) == y).float().mean())
-
-# %% ../nbs/10_kd_theory.ipynb #5015e5ae
-TEACHER_RECIPES = {  # CNN teachers trained on all labels of an embedded dataset
-    "mnist1d": dict(channels=(64, 64, 64), epochs=40, lr=3e-3, batch_size=128),
-    "digits": dict(channels=(32, 64), epochs=40, lr=3e-3, batch_size=128),
-}
-_FAST_TEACHER = dict(channels=(16, 32), epochs=3, lr=1e-2, batch_size=128)
-_TEACHERS = {}  # (dataset, seed, fast) -> state_dict
-
-def embedded_split(name:str, # 'digits' or 'mnist1d'
-                  )->tuple: # x_train, y_train, x_test, y_test
-    "The train and test tensors of an embedded dataset."
-    check_choice(name, "dataset", TEACHER_RECIPES)
-    d = get_loaders(name)
-    return (*d.train.dataset.tensors, *d.test.dataset.tensors)
-
-def train_teacher(dataset:str, # 'digits' or 'mnist1d'
-                  seed:int=0, # seed of the initial weights and the batch order
-                  fast:bool=False, # a small CNN for a few epochs (for tests)
-                 )->nn.Module: # the teacher, in eval mode
-    "The chapter's CNN teacher for `dataset`, trained on all its labels; cached per (dataset, seed, fast)."
-    r = _FAST_TEACHER if fast else TEACHER_RECIPES[check_choice(dataset, "dataset", TEACHER_RECIPES)]
-    xtr, ytr, _, _ = embedded_split(dataset)
-    set_seed(seed); model = CNN(tuple(xtr.shape[1:]), 10, channels=r["channels"])
-    key = (dataset, int(seed), bool(fast))
-    if key in _TEACHERS: model.load_state_dict(_TEACHERS[key])
-    else:
-        fit_model(model, TensorDataset(xtr, ytr), r["epochs"], lr=r["lr"], batch_size=r["batch_size"], seed=seed)
-        _TEACHERS[key] = {k: v.clone() for k, v in model.state_dict().items()}
-    return model.eval()
-
-# %% ../nbs/10_kd_theory.ipynb #40f8ab70
-_TRANSFER = {}
-
-def mnist1d_transfer_set(n:int, # number of fresh signals
-                         seed:int=0, # seed of the draw
-                        )->torch.Tensor: # (n, 1, 40)
-    "`n` fresh unlabeled MNIST-1D signals (`edgekd.data.mnist1d_samples`), cached per (n, seed)."
-    key = (int(n), int(seed))
-    if key not in _TRANSFER: _TRANSFER[key] = mnist1d_samples(n, seed)
-    return _TRANSFER[key]
-
-# %% ../nbs/10_kd_theory.ipynb #67a8e536
-def _bar_figure(table:list, label:str, title:str, ref:float|None=None, ref_label:str="")->Figure:
-    "Bar chart of `accuracy_mean ± accuracy_std` (in %) for each row of a `summarize` table."
-    fig = Figure(figsize=(7, 3.2)); ax = fig.subplots()
-    names = [r[label] for r in table]
-    bars = ax.bar(range(len(table)), [100 * r["accuracy_mean"] for r in table], yerr=[100 * r["accuracy_std"] for r in table],
-                  color=[f"C{i}" for i in range(len(table))], capsize=4)
-    ax.bar_label(bars, labels=[f"{100 * r['accuracy_mean']:.1f}" for r in table], label_type="center", color="w", fontsize=9)
-    if ref is not None: ax.axhline(100 * ref, color="k", ls="--", lw=1, label=ref_label); ax.legend(loc="lower right")
-    ax.set_xticks(range(len(table)), names, rotation=15, ha="right", fontsize=8)
-    ax.set_ylabel("test accuracy (%)"); ax.set_title(title); ax.grid(axis="y", alpha=0.3)
-    return fig
-
-# %% ../nbs/10_kd_theory.ipynb #8a15589f
-def _resolve(fast:bool, full:dict, quick:dict, **overrides)->dict:
-    "The experiment's settings: `full` or `quick` (fast mode), with the non-None `overrides` applied."
-    cfg = dict(quick if fast else full)
-    for k, v in overrides.items():
-        if v is not None: cfg[k] = v
-    return cfg
-
-def _gap_recovery(student:float, distilled:float, teacher:float)->float|None:
-    "(distilled - student) / (teacher - student), or None when the student is not behind the teacher."
-    return (distilled - student) / (teacher - student) if teacher > student else None
-
-# %% ../nbs/10_kd_theory.ipynb #053ce5a9
-HINTON_FULL = dict(n_transfer=50_000, temperature=4.0, student_epochs=30, baseline_epochs=40, lr=1e-2, batch_size=256)
-HINTON_FAST = dict(n_transfer=1000, temperature=4.0, student_epochs=2, baseline_epochs=4, lr=1e-2, batch_size=256)
-
-@register_experiment("hinton", "Hinton's MNIST protocol on MNIST-1D: CNN teacher, MLP student on hard labels vs distilled with a generated transfer set")
-def hinton_experiment(seeds:list=(0, 1, 2), # one teacher, transfer set and set of students per seed
-                      fast:bool=False, # tiny settings, seconds (numbers not meaningful)
-                      progress:bool=True, # one progress line/bar step per seed
-                      n_transfer:int|None=None, # fresh unlabeled signals added to the transfer set (default 50000)
-                      temperature:float|None=None, # distillation temperature (default 4)
-                      student_epochs:int|None=None, # epochs of the students trained on the transfer set (default 30)
-                     )->ExperimentResult:
-    "Teacher vs hard-label MLP vs distilled MLPs (train set, transfer set, hard-distillation control) on MNIST-1D."
-    cfg = _resolve(fast, HINTON_FULL, HINTON_FAST, n_transfer=n_transfer, temperature=temperature, student_epochs=student_epochs)
-    xtr, ytr, xte, yte = embedded_split("mnist1d")
-    T, lr, bs = cfg["temperature"], cfg["lr"], cfg["batch_size"]
-    rows = []
-    for seed in track(list(seeds), "hinton", enable=progress):
-        teacher = train_teacher("mnist1d", seed, fast)
-        x_transfer = torch.cat([xtr, mnist1d_transfer_set(cfg["n_transfer"], seed)])
-        transfer = with_teacher_logits(x_transfer, teacher)               # (x, teacher logits)
-        labeled = with_teacher_logits(TensorDataset(xtr, ytr), teacher)   # (x, y, teacher logits)
-        def student(data, epochs, cbs=()):
-            set_seed(seed)   # every student of a seed starts from the same weights
-            return fit_model(MLP((1, 40), 10, widths=(100, 100)), data, epochs, lr=lr, batch_size=bs, seed=seed, cbs=cbs)
-        runs = [("teacher (CNN)", teacher),
-                ("student, hard labels", student(TensorDataset(xtr, ytr), cfg["baseline_epochs"])),
-                ("student, distilled on train set", student(labeled, cfg["baseline_epochs"], [DistillationCB(None, T, 0.9)])),
-                ("student, distilled on transfer set", student(transfer, cfg["student_epochs"], [DistillationCB(None, T, 1.0)])),
-                ("control: teacher's arg-max labels on transfer set",
-                 student(transfer, cfg["student_epochs"], [DistillationCB(None, T, 1.0, hard=True)]))]
-        for name, model in runs:
-            rows.append(dict(model=name, seed=seed, accuracy=accuracy(model, xte, yte),
-                             params=sum(p.numel() for p in model.parameters())))
-    table = summarize(rows, ["model"], ["accuracy", "params"], percent=["accuracy"])
-    for r in table: r["params"] = int(r["params_mean"])
-    acc = {r["model"]: r["accuracy_mean"] for r in table}
-    te, hard = acc["teacher (CNN)"], acc["student, hard labels"]
-    kd, ctl = acc["student, distilled on transfer set"], acc["control: teacher's arg-max labels on transfer set"]
-    summary = dict(teacher=te, student_hard=hard, student_kd_train=acc["student, distilled on train set"], student_kd=kd,
-                   control_argmax=ctl, kd_gain=kd - hard, gap_recovery=_gap_recovery(hard, kd, te),
-                   soft_minus_argmax=kd - ctl)
-    fig = _bar_figure(table, "model", "MNIST-1D: distilling a CNN into an MLP")
-    return ExperimentResult("hinton", rows, table, summary, columns=["model", "n", "accuracy", "params"],
-                            config=dict(setup=cfg), figures=dict(hinton=fig),
-                            notes="Accuracy on the 1000 MNIST-1D test signals, mean ± std over seeds. gap_recovery = "
-                                  "(distilled - hard) / (teacher - hard).")
-
-# %% ../nbs/10_kd_theory.ipynb #db9cd76e
-def stratified_subset(y:torch.Tensor, # (n,) labels
-                      fraction:float, # in (0, 1]
-                      seed:int=0, # seed of the draw
-                     )->torch.Tensor: # sorted indices
-    "Indices of a random subset holding `fraction` of each class (at least one example per class)."
-    check_number(fraction, "fraction", lo=0, hi=1, lo_open=True)
-    g, out = torch.Generator().manual_seed(int(seed)), []
-    for c in y.unique():
-        idx = (y == c).nonzero().flatten()
-        k = max(1, round(fraction * len(idx)))
-        out.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-    return torch.cat(out).sort().values
-
-# %% ../nbs/10_kd_theory.ipynb #a429b37b
-FEW_LABEL_STUDENTS = {  # CNN student, learning rate and batch size per dataset
-    "digits": dict(channels=(8, 16), lr=1e-2, batch_size=128),
-    "mnist1d": dict(channels=(32, 64), lr=1e-2, batch_size=256),
-}
-
-def train_subset_student(dataset:str, # 'digits' or 'mnist1d'
-                         idx:torch.Tensor, # indices of the labeled training examples to use
-                         teacher:nn.Module|None, # None: hard labels only; else distill from it
-                         seed:int=0, # seed of the student's weights and batch order
-                         temperature:float=4.0, # T of the soft term
-                         alpha:float=0.9, # weight of the soft term
-                         epochs:int=40, # at least this many epochs...
-                         min_steps:int=500, # ...and at least this many optimizer steps
-                         fast:bool=False, # a tiny student (tests)
-                        )->float: # test accuracy
-    "Train the few-labels CNN student on the training examples `idx`, with hard labels or distilled; return its test accuracy."
-    r = FEW_LABEL_STUDENTS[check_choice(dataset, "dataset", FEW_LABEL_STUDENTS)]
-    xtr, ytr, xte, yte = embedded_split(dataset)
-    data = TensorDataset(xtr[idx], ytr[idx])
-    cbs = []
-    if teacher is not None: data, cbs = with_teacher_logits(data, teacher), [DistillationCB(None, temperature, alpha)]
-    epochs = max(epochs, math.ceil(min_steps / math.ceil(len(idx) / r["batch_size"])))
-    set_seed(seed); model = CNN(tuple(xtr.shape[1:]), 10, channels=(4, 8) if fast else r["channels"])
-    fit_model(model, data, epochs, lr=r["lr"], batch_size=r["batch_size"], seed=seed, cbs=cbs)
-    return accuracy(model, xte, yte)
-
-# %% ../nbs/10_kd_theory.ipynb #911bc933
-FEW_FULL = dict(fractions=(0.03, 0.1, 0.3, 1.0), datasets=("digits", "mnist1d"), temperature=4.0, alpha=0.9, epochs=40, min_steps=500)
-FEW_FAST = dict(fractions=(0.1, 1.0), datasets=("digits", "mnist1d"), temperature=4.0, alpha=0.9, epochs=1, min_steps=5)
-
-@register_experiment("few-labels", "Hinton's 3%-of-the-data result: students on a fraction of the labels, hard labels vs soft targets, digits and MNIST-1D")
-def few_labels_experiment(seeds:list=(0, 1, 2), # one teacher and one subset per seed
-                          fast:bool=False, # tiny settings, seconds
-                          progress:bool=True, # one progress step per (dataset, seed)
-                          fractions:tuple|None=None, # fractions of the labeled training set (default 3%, 10%, 30%, 100%)
-                          datasets:tuple|None=None, # default ('digits', 'mnist1d')
-                         )->ExperimentResult:
-    "Test accuracy of a CNN student trained on a fraction of the labels with hard labels vs with the teacher's soft targets."
-    cfg = _resolve(fast, FEW_FULL, FEW_FAST, fractions=fractions, datasets=datasets)
-    for f in cfg["fractions"]: check_number(f, "fraction", lo=0, hi=1, lo_open=True)
-    rows, teachers = [], {}
-    jobs = [(d, s) for d in cfg["datasets"] for s in seeds]
-    for dataset, seed in track(jobs, "few-labels", enable=progress):
-        teacher = train_teacher(dataset, seed, fast)
-        xtr, ytr, xte, yte = embedded_split(dataset)
-        teachers.setdefault(dataset, []).append(accuracy(teacher, xte, yte))
-        for frac in cfg["fractions"]:
-            idx = stratified_subset(ytr, frac, seed=1000 + seed)
-            for method, t in (("hard labels", None), ("soft targets", teacher)):
-                acc = train_subset_student(dataset, idx, t, seed, cfg["temperature"], cfg["alpha"], cfg["epochs"],
-                                           cfg["min_steps"], fast)
-                rows.append(dict(dataset=dataset, fraction=frac, n_labels=len(idx), method=method, seed=seed, accuracy=acc))
-    table = summarize(rows, ["dataset", "fraction", "method"], ["accuracy", "n_labels"], percent=["accuracy"])
-    mean = {(r["dataset"], r["fraction"], r["method"]): r["accuracy_mean"] for r in table}
-    lo, hi = min(cfg["fractions"]), max(cfg["fractions"])
-    summary = {}
-    for d in cfg["datasets"]:
-        summary[f"{d}_teacher"] = sum(teachers[d]) / len(teachers[d])
-        summary[f"{d}_hard_{lo:g}"], summary[f"{d}_soft_{lo:g}"] = mean[(d, lo, "hard labels")], mean[(d, lo, "soft targets")]
-        summary[f"{d}_hard_{hi:g}"] = mean[(d, hi, "hard labels")]
-    fig = Figure(figsize=(4.2 * len(cfg["datasets"]), 3.4)); axes = fig.subplots(1, len(cfg["datasets"]), squeeze=False)[0]
-    for ax, d in zip(axes, cfg["datasets"]):
-        for i, method in enumerate(("hard labels", "soft targets")):
-            rs = [r for r in table if r["dataset"] == d and r["method"] == method]
-            ax.errorbar([100 * r["fraction"] for r in rs], [100 * r["accuracy_mean"] for r in rs],
-                        yerr=[100 * r["accuracy_std"] for r in rs], marker="o", capsize=3, label=method, color=f"C{i}")
-        ax.axhline(100 * summary[f"{d}_teacher"], color="k", ls="--", lw=1, label="teacher (all labels)")
-        ax.set_xscale("log"); ax.set_xlabel("% of the training labels used"); ax.set_ylabel("test accuracy (%)")
-        ax.set_title(d); ax.grid(alpha=0.3); ax.legend(fontsize=8)
-    fig.tight_layout()
-    return ExperimentResult("few-labels", rows, table, summary, columns=["dataset", "fraction", "method", "n_labels_mean", "accuracy"],
-                            config=dict(setup=cfg), figures={"few-labels": fig},
-                            notes="CNN students trained on a stratified fraction of the labeled training set; "
-                                  "'soft targets' adds the teacher's soft targets (trained on all labels) on the same examples.")
-
-# %% ../nbs/10_kd_theory.ipynb #a6dfb7d8
-def shift_logit(logits:torch.Tensor, # (n, classes)
-                cls:int, # the class whose bias is raised
-                shift:float, # added to that class's logit
-               )->torch.Tensor:
-    "A copy of `logits` with `shift` added to column `cls` (the same as raising the output bias of `cls`)."
-    out = logits.clone(); out[:, cls] += shift
-    return out
-
-def best_bias_shift(logits:torch.Tensor, # (n, classes) logits on held-out labeled data
-                    y:torch.Tensor, # (n,) labels
-                    cls:int, # the omitted class
-                    shifts:torch.Tensor|None=None, # candidates (default 0, 0.25, ..., 20)
-                   )->float:
-    "The bias shift for class `cls` that maximizes accuracy on `(logits, y)` (the smallest one among ties)."
-    shifts = torch.arange(0, 20.001, 0.25) if shifts is None else shifts
-    accs = torch.stack([(shift_logit(logits, cls, float(b)).argmax(1) == y).float().mean() for b in shifts])
-    return float(shifts[int(accs.argmax())])
-
-# %% ../nbs/10_kd_theory.ipynb #8011e053
-OMIT_FULL = dict(omit=3, temperature=20.0, alpha=0.9, epochs=60, widths=(64, 64))
-OMIT_FAST = dict(omit=3, temperature=20.0, alpha=0.9, epochs=3, widths=(64, 64))
-
-@register_experiment("omitted-class", "Hinton's omitted digit 3: a distilled student's accuracy on a class absent from its transfer set, before and after the bias correction (digits)")
-def omitted_class_experiment(seeds:list=(0, 1, 2), # one teacher and two students per seed
-                             fast:bool=False, # tiny settings, seconds
-                             progress:bool=True, # one progress step per seed
-                             omit:int|None=None, # the class left out of the transfer set (default 3)
-                             temperature:float|None=None, # default 20, Hinton's MNIST temperature
-                            )->ExperimentResult:
-    "Distilled vs hard-label MLP trained without class `omit`: accuracy on it before/after a bias shift chosen on the training set."
-    cfg = _resolve(fast, OMIT_FULL, OMIT_FAST, omit=omit, temperature=temperature)
-    c = check_number(cfg["omit"], "omit", lo=0, hi=9, integer=True)
-    xtr, ytr, xte, yte = embedded_split("digits")
-    keep = ytr != c
-    rows = []
-    for seed in track(list(seeds), "omitted-class", enable=progress):
-        teacher = train_teacher("digits", seed, fast)
-        transfer = with_teacher_logits(TensorDataset(xtr[keep], ytr[keep]), teacher)
-        for name, data, cbs in (("distilled", transfer, [DistillationCB(None, cfg["temperature"], cfg["alpha"])]),
-                                ("hard labels", TensorDataset(xtr[keep], ytr[keep]), [])):
-            set_seed(seed)
-            model = fit_model(MLP((1, 8, 8), 10, widths=cfg["widths"]), data, cfg["epochs"], lr=1e-2, batch_size=128,
-                              seed=seed, cbs=cbs)
-            shift = best_bias_shift(teacher_logits(model, xtr), ytr, c)   # chosen on the training set
-            lt = teacher_logits(model, xte)
-            row = dict(student=name, seed=seed, bias_shift=shift)
-            for when, b in (("before", 0.0), ("after", shift)):
-                pred = shift_logit(lt, c, b).argmax(1)
-                row[f"acc_{when}"] = float((pred == yte).float().mean())
-                row[f"acc_omitted_{when}"] = float((pred[yte == c] == c).float().mean())
-            rows.append(row)
-        rows.append(dict(student="teacher", seed=seed, bias_shift=0.0, acc_before=accuracy(teacher, xte, yte),
-                         acc_after=accuracy(teacher, xte, yte),
-                         acc_omitted_before=accuracy(teacher, xte[yte == c], yte[yte == c]),
-                         acc_omitted_after=accuracy(teacher, xte[yte == c], yte[yte == c])))
-    metrics = ["acc_omitted_before", "acc_omitted_after", "acc_before", "acc_after", "bias_shift"]
-    table = summarize(rows, ["student"], metrics, percent=metrics[:4])
-    m = {r["student"]: r for r in table}
-    summary = dict(omitted=c, n_omitted_test=int((yte == c).sum()),
-                   distilled_omitted_before=m["distilled"]["acc_omitted_before_mean"],
-                   distilled_omitted_after=m["distilled"]["acc_omitted_after_mean"],
-                   distilled_bias_shift=m["distilled"]["bias_shift_mean"],
-                   hard_omitted_after=m["hard labels"]["acc_omitted_after_mean"])
-    fig = Figure(figsize=(6, 3.2)); ax = fig.subplots()
-    for i, name in enumerate(("distilled", "hard labels")):
-        r = m[name]
-        ax.bar([i - 0.2, i + 0.2], [100 * r["acc_omitted_before_mean"], 100 * r["acc_omitted_after_mean"]],
-               width=0.38, yerr=[100 * r["acc_omitted_before_std"], 100 * r["acc_omitted_after_std"]], capsize=4,
-               color=["C7", "C2"], label=["before the bias shift", "after"] if i == 0 else None)
-    ax.set_xticks([0, 1], ["distilled student", "hard-label student"])
-    ax.set_ylabel(f"test accuracy on the {c}s (%)"); ax.set_ylim(0, 105); ax.legend(); ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"Digit {c} never seen in training")
-    return ExperimentResult("omitted-class", rows, table, summary,
-                            columns=["student", "n", "acc_omitted_before", "acc_omitted_after", "acc_before", "acc_after", "bias_shift"],
-                            config=dict(setup=cfg), figures={"omitted-class": fig},
-                            notes=f"Digits test set ({summary['n_omitted_test']} test images of the digit {c}); the bias shift "
-                                  "of the omitted class is chosen to maximize accuracy on the training set.")
-
-# %% ../nbs/10_kd_theory.ipynb #14ca90c5
-TEMP_FULL = dict(temperatures=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0), alphas=(0.0, 0.25, 0.5, 0.75, 0.9, 1.0),
-                 n_transfer=20_000, transfer_epochs=20, fraction=0.1, epochs=40, min_steps=500)
-TEMP_FAST = dict(temperatures=(1.0, 4.0), alphas=(0.0, 1.0), n_transfer=500, transfer_epochs=1, fraction=0.1,
-                 epochs=1, min_steps=5)
-
-@register_experiment("temperature", "Accuracy vs temperature T (transfer set and 10% labels) and vs alpha (10% labels) on MNIST-1D")
-def temperature_experiment(seeds:list=(0, 1, 2), # one teacher per seed
-                           fast:bool=False, # tiny settings, seconds
-                           progress:bool=True, # one progress step per seed
-                           temperatures:tuple|None=None, # T values (default 1, 2, 4, 8, 16, 32)
-                           alphas:tuple|None=None, # alpha values at T = 4 (default 0, 0.25, 0.5, 0.75, 0.9, 1)
-                          )->ExperimentResult:
-    "Sweeps of T and alpha for an MLP student on a transfer set and a CNN student on 10% of the MNIST-1D labels."
-    cfg = _resolve(fast, TEMP_FULL, TEMP_FAST, temperatures=temperatures, alphas=alphas)
-    for T in cfg["temperatures"]: check_number(T, "temperature", lo=0, lo_open=True)
-    for a in cfg["alphas"]: check_number(a, "alpha", 0, 1)
-    xtr, ytr, xte, yte = embedded_split("mnist1d")
-    rows = []
-    for seed in track(list(seeds), "temperature", enable=progress):
-        teacher = train_teacher("mnist1d", seed, fast)
-        transfer = with_teacher_logits(torch.cat([xtr, mnist1d_transfer_set(cfg["n_transfer"], seed)]), teacher)
-        for T in cfg["temperatures"]:
-            set_seed(seed)
-            m = fit_model(MLP((1, 40), 10, widths=(100, 100)), transfer, cfg["transfer_epochs"], lr=1e-2, batch_size=256,
-                          seed=seed, cbs=[DistillationCB(None, T, 1.0)])
-            rows.append(dict(setting="transfer set, MLP", sweep="T", temperature=T, alpha=1.0, seed=seed, accuracy=accuracy(m, xte, yte)))
-        idx = stratified_subset(ytr, cfg["fraction"], seed=1000 + seed)
-        settings = [("T", T, 0.9) for T in cfg["temperatures"]] + [("alpha", 4.0, a) for a in cfg["alphas"]]
-        done = {}   # (T, alpha) -> accuracy: the point shared by both sweeps is trained once
-        for sweep, T, a in settings:
-            if (T, a) not in done:
-                done[T, a] = train_subset_student("mnist1d", idx, teacher, seed, T, a, cfg["epochs"], cfg["min_steps"], fast)
-            acc = done[T, a]
-            rows.append(dict(setting=f"{cfg['fraction']:.0%} labels, CNN", sweep=sweep, temperature=T, alpha=a, seed=seed, accuracy=acc))
-    table = summarize(rows, ["setting", "sweep", "temperature", "alpha"], ["accuracy"], percent=["accuracy"])
-    summary = {}
-    fig = Figure(figsize=(9, 3.4)); ax_t, ax_a = fig.subplots(1, 2)
-    for i, setting in enumerate(dict.fromkeys(r["setting"] for r in table)):
-        rs = [r for r in table if r["setting"] == setting and r["sweep"] == "T"]
-        best = max(rs, key=lambda r: r["accuracy_mean"])
-        summary[f"best_T ({setting})"], summary[f"best_T_accuracy ({setting})"] = best["temperature"], best["accuracy_mean"]
-        ax_t.errorbar([r["temperature"] for r in rs], [100 * r["accuracy_mean"] for r in rs], yerr=[100 * r["accuracy_std"] for r in rs],
-                      marker="o", capsize=3, label=setting + (r", $\alpha$=1" if setting.startswith("transfer") else r", $\alpha$=0.9"),
-                      color=f"C{i}")
-        ra = [r for r in table if r["setting"] == setting and r["sweep"] == "alpha"]
-        if ra:
-            best = max(ra, key=lambda r: r["accuracy_mean"])
-            summary[f"best_alpha ({setting})"], summary[f"best_alpha_accuracy ({setting})"] = best["alpha"], best["accuracy_mean"]
-            ax_a.errorbar([r["alpha"] for r in ra], [100 * r["accuracy_mean"] for r in ra], yerr=[100 * r["accuracy_std"] for r in ra],
-                          marker="o", capsize=3, label=setting + ", T=4", color=f"C{i}")
-    ax_t.set_xscale("log", base=2); ax_t.set_xlabel("temperature T"); ax_t.set_ylabel("test accuracy (%)")
-    ax_t.set_title("accuracy vs T"); ax_t.legend(fontsize=8); ax_t.grid(alpha=0.3)
-    ax_a.set_xlabel(r"$\alpha$ (weight of the soft term)"); ax_a.set_ylabel("test accuracy (%)")
-    ax_a.set_title(r"accuracy vs $\alpha$"); ax_a.legend(fontsize=8); ax_a.grid(alpha=0.3)
-    fig.tight_layout()
-    return ExperimentResult("temperature", rows, table, summary, columns=["setting", "sweep", "temperature", "alpha", "n", "accuracy"],
-                            config=dict(setup=cfg), figures=dict(temperature=fig),
-                            notes="MNIST-1D test accuracy, mean ± std over seeds. Transfer set: soft targets only. "
-                                  "10% labels: alpha * soft + (1 - alpha) * hard.")
-
-# %% ../nbs/10_kd_theory.ipynb #09cf4a3c
-def random_shift(x:torch.Tensor, # (batch, channels, *spatial), 1 or 2 spatial dimensions
-                 max_shift:int=2, # largest shift, in pixels, along each spatial axis
-                 generator:torch.Generator|None=None, # source of the random offsets (None: torch's global one)
-                )->torch.Tensor:
-    "Shift each sample by its own random offset in [-max_shift, max_shift] per spatial axis, repeating the border pixels."
-    m = check_number(max_shift, "max_shift", lo=0, integer=True)
-    if m == 0: return x
-    nd = x.ndim - 2
-    if nd not in (1, 2): raise ShapeError(f"random_shift needs (batch, channels, length) or (batch, channels, height, width), got {tuple(x.shape)}")
-    offs = torch.randint(0, 2 * m + 1, (len(x), nd), generator=generator)
-    out = F.pad(x, [m] * 2 * nd, mode="replicate")
-    for d in range(nd):
-        ax, n = 2 + d, x.shape[2 + d]
-        idx = offs[:, d].view([-1] + [1] * (out.ndim - 1)) + torch.arange(n).view([1] * ax + [n] + [1] * (out.ndim - ax - 1))
-        shape = list(out.shape); shape[ax] = n
-        out = out.gather(ax, idx.expand(shape))
-    return out
-
-# %% ../nbs/10_kd_theory.ipynb #51d46735
-class JitterCB(Callback):
-    "Shift every training batch by random offsets of up to `max_shift` pixels (data augmentation, as in Hinton et al. 2015)."
-    order = -20
-    def __init__(self, max_shift:int=2, # largest shift along each spatial axis
-                ):
-        self.max_shift = check_number(max_shift, "max_shift", lo=0, integer=True)
-    def before_batch(self, learn):
-        if learn.training: learn.xb = random_shift(learn.xb, self.max_shift)
-
-# %% ../nbs/10_kd_theory.ipynb #28165ba2
-HMNIST_FULL = dict(teacher_widths=(1200, 1200), student_widths=(800, 800), dropout=0.5, jitter=2, temperature=20.0,
-                   alpha=0.9, epochs=30, lr=1e-3, batch_size=128, threads=None)
-HMNIST_FAST = dict(HMNIST_FULL, epochs=1, threads=1)
-
-@register_experiment("hinton-mnist", "Hinton et al.'s exact MNIST setup (2x1200 teacher with dropout and jitter, 2x800 student, T=20) on torchvision MNIST; downloads MNIST")
-def hinton_mnist_experiment(seeds:list=(0, 1, 2), # one teacher and two students per seed
-                            fast:bool=False, # tiny random IDX data written to a temporary folder, one epoch (a smoke test)
-                            progress:bool=True, # one progress step per seed
-                            root:str|None=None, # data folder (default: $EDGEKD_DATA or ./data)
-                            download:bool=True, # download MNIST if it is missing (needs internet)
-                            epochs:int|None=None, # epochs of every model (default 30)
-                           )->ExperimentResult:
-    "Teacher 2x1200 (dropout + jitter), student 2x800 on hard labels, and the same student distilled at T=20, on MNIST."
-    cfg = _resolve(fast, HMNIST_FULL, HMNIST_FAST, epochs=epochs)
-    with tempfile.TemporaryDirectory() as tmp:
-        if fast: write_idx_mnist(tmp, n_train=256, n_test=64, seed=0); root, download = tmp, False
-        d = get_loaders("mnist", root=root, download=download)
-        train, (xte, yte) = d.train.dataset, dataset_tensors(d.test.dataset)
-    rows = []
-    for seed in track(list(seeds), "hinton-mnist", enable=progress):
-        def fit(widths, dropout=0.0, cbs=()):
-            set_seed(seed)
-            return fit_model(MLP((1, 28, 28), 10, widths=widths, dropout=dropout), train, cfg["epochs"], lr=cfg["lr"],
-                             batch_size=cfg["batch_size"], seed=seed, cbs=cbs, threads=cfg["threads"])
-        teacher = fit(cfg["teacher_widths"], cfg["dropout"], [JitterCB(cfg["jitter"])])
-        for name, model in (("teacher 2x1200, dropout + jitter", teacher), ("student 2x800, hard labels", fit(cfg["student_widths"])),
-                            (f"student 2x800, distilled T={cfg['temperature']:g}",
-                             fit(cfg["student_widths"], cbs=[DistillationCB(teacher, cfg["temperature"], cfg["alpha"])]))):
-            acc = accuracy(model, xte, yte)
-            rows.append(dict(model=name, seed=seed, accuracy=acc, test_errors=round((1 - acc) * len(yte))))
-    table = summarize(rows, ["model"], ["accuracy", "test_errors"], percent=["accuracy"])
-    err = [r["test_errors_mean"] for r in table]
-    summary = dict(teacher_errors=err[0], student_errors=err[1], distilled_errors=err[2], n_test=len(yte),
-                   gap_recovery=_gap_recovery(-err[1], -err[2], -err[0]))
-    return ExperimentResult("hinton-mnist", rows, table, summary, columns=["model", "n", "accuracy", "test_errors"],
-                            config=dict(setup=cfg), figures={"hinton-mnist": _bar_figure(table, "model", "MNIST, Hinton et al.'s setup")},
-                            notes="Hinton et al. (2015) report 67 test errors (teacher), 146 (student) and 74 (distilled, T=20)."
-                                  + (" FAST MODE on random IDX data: the numbers mean nothing." if fast else ""))
+    return TensorDataset(*cols, model_logits(teacher, cols[0], batch_size))

@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
-import time
 import warnings
 from typing import Iterable, Sequence
 
@@ -18,20 +18,17 @@ from torch import nn
 from torch.func import functional_call
 from fastcore.basics import patch
 
-from .core import ConfigError, ShapeError, check_choice, check_number, eval_mode, num_threads, set_seed
-from .data import from_datasets, get_loaders
-from .experiment import ExperimentResult, register_experiment, summarize, track
+from .core import ConfigError, ShapeError, check_choice, check_number, eval_mode, is_exported, set_mode, set_seed
 from .kd import soft_target_loss
-from .learner import Callback, Learner, SchedulerCB
-from .models import CNN
+from .learner import Callback
 
 # %% auto #0
-__all__ = ['LOSS_METHODS', 'LOSS_BENCH', 'get_module', 'FeatureHooks', 'feature_shapes', 'propose_pairs', 'make_adapter',
-           'DistillLoss', 'check_distill_loss', 'CELoss', 'KDLoss', 'dkd_terms', 'DKDLoss', 'pearson', 'DISTLoss',
-           'zscore', 'LSKDLoss', 'HintLoss', 'attention_map', 'AttentionLoss', 'pool_features', 'CosineLoss',
-           'rkd_potentials', 'RKDLoss', 'sp_similarity', 'SPLoss', 'pkt_probabilities', 'PKTLoss', 'info_nce',
-           'CRDLoss', 'MultiDistillCB', 'mutual_losses', 'MutualLearningCB', 'TfKDLoss', 'AdversarialLoss',
-           'method_callbacks', 'plot_losses_benchmark', 'losses_benchmark']
+__all__ = ['LOSS_METHODS', 'get_module', 'FeatureHooks', 'feature_shapes', 'propose_pairs', 'make_adapter', 'DistillLoss',
+           'check_distill_loss', 'CELoss', 'KDLoss', 'dkd_terms', 'DKDLoss', 'pearson', 'DISTLoss', 'zscore',
+           'LSKDLoss', 'HintLoss', 'attention_map', 'AttentionLoss', 'pool_features', 'CosineLoss', 'rkd_potentials',
+           'RKDLoss', 'sp_similarity', 'SPLoss', 'pkt_probabilities', 'PKTLoss', 'info_nce', 'CRDLoss',
+           'MultiDistillCB', 'mutual_losses', 'MutualLearningCB', 'TfKDLoss', 'AdversarialLoss', 'register_loss',
+           'list_losses', 'get_loss', 'build_losses', 'method_callbacks']
 
 # %% ../nbs/11_kd_losses.ipynb #94d17474
 def get_module(model:nn.Module, # the model to search
@@ -45,22 +42,63 @@ def get_module(model:nn.Module, # the model to search
         raise ConfigError(f"{type(model).__name__} has no module {name!r}; its modules are: {shown}")
     return mods[name]
 
+# %% ../nbs/11_kd_losses.ipynb #ca97bed6
+def _module_paths(node)->list:
+    "Module paths (outermost first) that produced an FX node, from its `nn_module_stack` metadata."
+    return [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+
+# %% ../nbs/11_kd_losses.ipynb #65677d1f
+def _in_graph(model:nn.Module, name:str)->bool:
+    "True if `name` names a part of an exported graph that is never called as a module, so hooks on it cannot fire."
+    if not isinstance(model, torch.fx.GraphModule) or name == "": return False
+    called = [n.target for n in model.graph.nodes if n.op == "call_module"]
+    return not any(t == name or t.startswith(name + ".") for t in called)
+
+# %% ../nbs/11_kd_losses.ipynb #8af184f2
+def _graph_outputs(model:torch.fx.GraphModule, # an exported graph
+                   names:list, # module paths as in the original model, e.g. ['features.1']
+                  )->dict: # name -> the FX node computing that module's output
+    "For each module path, the last node inside its scope whose result is used outside it."
+    nodes = [n for n in model.graph.nodes if n.op == "call_function"]
+    out = {}
+    for name in names:
+        inside = {n for n in nodes if name in _module_paths(n)}
+        ends = [n for n in nodes if n in inside and any(u not in inside for u in n.users)]
+        if not ends:
+            known = list(dict.fromkeys(p for n in nodes for p in _module_paths(n) if p))
+            shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+            raise ConfigError(f"the exported graph has no module {name!r}; its module paths are: {shown}")
+        out[name] = ends[-1]
+    return out
+
+# %% ../nbs/11_kd_losses.ipynb #2969e144
+class _Tap(nn.Module):
+    "Pass-through module inserted into an exported graph: hands its input to `fn`, returns it unchanged."
+    _is_impure = True   # dead-code elimination must keep it
+    def __init__(self, fn): super().__init__(); self.fn = fn
+    def forward(self, x): self.fn(x); return x
+
 # %% ../nbs/11_kd_losses.ipynb #38ce0874
 class FeatureHooks:
     "Record the outputs of `model`'s submodules called `names` at every forward pass; `remove()` or a `with` block unhooks them."
-    def __init__(self, model:nn.Module, # the model to observe; it is not otherwise modified
+    def __init__(self, model:nn.Module, # the model to observe: an eager module, or an exported graph (torch.export, PT2E)
                  names:Iterable[str], # dotted module names, e.g. ['features.1', 'features']
                  detach:bool=False, # store detached outputs (for inspection; losses need False)
                 ):
         self.names = list(dict.fromkeys(names))
         if not self.names: raise ConfigError("FeatureHooks needs at least one module name, got none")
-        mods = [get_module(model, n) for n in self.names]   # check every name before hooking any
-        self.detach, self.outputs = detach, {}
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in zip(self.names, mods)]
+        self.model, self.detach, self.outputs, self.handles, self.taps = model, detach, {}, [], []
+        in_graph = [n for n in self.names if _in_graph(model, n)]
+        nodes = _graph_outputs(model, in_graph) if in_graph else {}   # check every name before hooking any
+        mods = {n: get_module(model, n) for n in self.names if n not in nodes}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in mods.items()]
+        for n, node in nodes.items(): self._tap(n, node)
+
+    def _record(self, name, out):
+        self.outputs[name] = out.detach() if self.detach and isinstance(out, torch.Tensor) else out
 
     def _hook(self, name):
-        def hook(module, inp, out):
-            self.outputs[name] = out.detach() if self.detach and isinstance(out, torch.Tensor) else out
+        def hook(module, inp, out): self._record(name, out)
         return hook
 
     def __getitem__(self, name:str)->torch.Tensor:
@@ -70,18 +108,41 @@ class FeatureHooks:
         return self.outputs[name]
 
     def remove(self):
-        "Remove the hooks and forget the stored outputs."
+        "Remove the hooks (and the taps from an exported graph) and forget the stored outputs."
         for h in self.handles: h.remove()
-        self.handles, self.outputs = [], {}
+        if self.taps:
+            g = self.model.graph
+            for attr, tap in self.taps:
+                tap.replace_all_uses_with(tap.args[0]); g.erase_node(tap); delattr(self.model, attr)
+            self.model.recompile()
+        self.handles, self.taps, self.outputs = [], [], {}
 
     def __enter__(self): return self
     def __exit__(self, *exc): self.remove()
 
+# %% ../nbs/11_kd_losses.ipynb #779b1e20
+@patch
+def _tap(self:FeatureHooks, name:str, node):
+    "Insert a `_Tap` recording `name` right after `node` in the exported graph, and route `node`'s users through it."
+    g, i = self.model.graph, len(self.taps)
+    while hasattr(self.model, f"_edgekd_tap_{i}"): i += 1
+    attr = f"_edgekd_tap_{i}"
+    self.model.add_submodule(attr, _Tap(lambda out, name=name: self._record(name, out)))
+    with g.inserting_after(node): tap = g.call_module(attr, (node,))
+    tap.meta = dict(node.meta)   # same value and module path as the tapped node
+    node.replace_all_uses_with(tap, delete_user_cb=lambda user: user is not tap)   # on the data path: never dead code
+    self.taps.append((attr, tap))
+    self.model.recompile()
+
 # %% ../nbs/11_kd_losses.ipynb #113d7e9d
 def _default_layers(model:nn.Module)->list:
-    "Names of the blocks of `model.features` if it is a `Sequential`, else the model's top-level children."
+    "Names of the blocks of `model.features` (also in an exported graph), else the model's top-level children."
     feats = getattr(model, "features", None)
     if isinstance(feats, nn.Sequential): return [f"features.{i}" for i in range(len(feats))]
+    if isinstance(model, torch.fx.GraphModule) and _in_graph(model, "features"):
+        paths = [p for n in model.graph.nodes for p in _module_paths(n)]
+        blocks = [p for p in dict.fromkeys(paths) if p.count(".") == 1 and p.startswith("features.")]
+        if blocks: return blocks
     return [n for n, _ in model.named_children()]
 
 # %% ../nbs/11_kd_losses.ipynb #00b26185
@@ -92,7 +153,8 @@ def feature_shapes(model:nn.Module, # the model to probe
     "Output shape (without batch) of each named submodule for an input of `input_shape`."
     names = _default_layers(model) if names is None else list(names)
     with eval_mode(model), FeatureHooks(model, names, detach=True) as h, torch.no_grad():
-        model(torch.zeros(2, *input_shape))
+        p = next(model.parameters(), None)
+        model(torch.zeros(2, *input_shape, device=None if p is None else p.device))
         return {n: tuple(h[n].shape[1:]) for n in names}
 
 # %% ../nbs/11_kd_losses.ipynb #838c03d7
@@ -173,7 +235,9 @@ class DistillLoss(nn.Module):
                 if a.shape[0] != b.shape[0]:
                     raise ShapeError(f"{who}: pair {i} has student batch {a.shape[0]} but teacher batch {b.shape[0]}")
             shapes = ([tuple(f.shape[1:]) for f in s_feats], [tuple(f.shape[1:]) for f in t_feats])
-            if self.shapes is None: self.build(*shapes)
+            if self.shapes is None:
+                self.build(*shapes)
+                self.to(device=s_feats[0].device, dtype=s_feats[0].dtype if s_feats[0].is_floating_point() else None)
             elif shapes != self.shapes and any(True for _ in self.parameters()):
                 raise ShapeError(f"{who} was built for feature shapes {self.shapes} (student, teacher) but got {shapes}")
         if self.needs_targets:
@@ -246,12 +310,13 @@ def dkd_terms(student_logits:torch.Tensor, # (batch, classes)
     "Per-sample target-class KD, non-target-class KD and the weight 1 - p_t^T that couples them in vanilla KD (Zhao et al. 2022)."
     T = check_number(temperature, "temperature", lo=0, lo_open=True)
     n, k = student_logits.shape
-    gt = F.one_hot(targets, k).bool()
+    others = torch.arange(k - 1, device=targets.device)[None]
+    others = others + (others >= targets[:, None]).long()   # row i: every class but targets[i], in class order
     def parts(z):
         z = z / T
         log_p = F.log_softmax(z, -1)
-        rest = z[~gt].view(n, k - 1)                       # the non-target logits, in class order
-        log_b = torch.stack([log_p[gt], torch.logsumexp(rest, -1) - torch.logsumexp(z, -1)], -1)
+        rest = z.gather(1, others)                         # the non-target logits
+        log_b = torch.stack([log_p.gather(1, targets[:, None])[:, 0], torch.logsumexp(rest, -1) - torch.logsumexp(z, -1)], -1)
         return log_b, F.log_softmax(rest, -1)
     (bs, ns), (bt, nt) = parts(student_logits), parts(teacher_logits)
     tckd = (bt.exp() * (bt - bs)).sum(-1)
@@ -382,7 +447,7 @@ class CosineLoss(DistillLoss):
 def _pairwise_distances(e:torch.Tensor)->torch.Tensor:
     "(n, n) Euclidean distances between the rows of `e`, zero on the diagonal, with finite gradients."
     d2 = (e[:, None] - e[None]).pow(2).sum(-1)
-    return d2.clamp_min(1e-12).sqrt() * (1 - torch.eye(len(e), dtype=e.dtype))
+    return d2.clamp_min(1e-12).sqrt() * (1 - torch.eye(len(e), dtype=e.dtype, device=e.device))
 
 # %% ../nbs/11_kd_losses.ipynb #87e90675
 def rkd_potentials(e:torch.Tensor, # (batch, dim) embeddings
@@ -390,7 +455,7 @@ def rkd_potentials(e:torch.Tensor, # (batch, dim) embeddings
     "RKD's distance potential psi_D(i, j) and angle potential psi_A(i, j, k) = cos of the angle at e_j (Park et al. 2019)."
     n = len(e)
     d = _pairwise_distances(e)
-    d = d / d[~torch.eye(n, dtype=torch.bool)].mean()
+    d = d / (d.sum() / (n * (n - 1)))                        # the diagonal is 0: the mean over pairs i != j
     u = F.normalize(e[None, :, :] - e[:, None, :], dim=-1)      # u[j, i] = (e_i - e_j) / |e_i - e_j|
     return d, u @ u.transpose(1, 2)                             # angle[j, i, k] = <u_ij, u_kj>
 
@@ -441,7 +506,7 @@ def pkt_probabilities(e:torch.Tensor, # (batch, dim) embeddings
                      )->torch.Tensor: # (batch, batch), row i is p_{.|i}, zero diagonal
     "Conditional probabilities p_{j|i} from the cosine kernel (cos + 1)/2, normalised over j != i (Passalis and Tefas 2018)."
     n = F.normalize(e, dim=1)
-    k = (n @ n.t() + 1) / 2 * (1 - torch.eye(len(e), dtype=e.dtype))
+    k = (n @ n.t() + 1) / 2 * (1 - torch.eye(len(e), dtype=e.dtype, device=e.device))
     return k / k.sum(1, keepdim=True).clamp_min(1e-12)
 
 # %% ../nbs/11_kd_losses.ipynb #03b56da3
@@ -461,11 +526,15 @@ def info_nce(anchor:torch.Tensor, # (batch, dim) L2-normalised anchors
              positive:torch.Tensor, # (batch, dim) L2-normalised; row i is anchor i's positive
              bank:torch.Tensor|None=None, # (k, dim) extra negatives, or None
              temperature:float=0.07, # softmax temperature
+             bank_mask:torch.Tensor|None=None, # (k,) bool: which rows of `bank` to use (None: all)
             )->torch.Tensor: # scalar, mean over anchors
     "InfoNCE: cross-entropy of picking each anchor's own positive among all positives of the batch and the bank."
     logits = anchor @ positive.t()
-    if bank is not None and len(bank): logits = torch.cat([logits, anchor @ bank.t()], 1)
-    return F.cross_entropy(logits / temperature, torch.arange(len(anchor)))
+    if bank is not None and len(bank):
+        extra = anchor @ bank.t()
+        if bank_mask is not None: extra = extra.masked_fill(~bank_mask, float("-inf"))
+        logits = torch.cat([logits, extra], 1)
+    return F.cross_entropy(logits / temperature, torch.arange(len(anchor), device=anchor.device))
 
 # %% ../nbs/11_kd_losses.ipynb #b8c897db
 class CRDLoss(DistillLoss):
@@ -497,15 +566,15 @@ class CRDLoss(DistillLoss):
     def _enqueue(self, es, et):
         k = min(len(es), self.memory)
         if k == 0: return
-        idx = (self.ptr + torch.arange(k)) % self.memory
+        idx = (self.ptr + torch.arange(k, device=self.ptr.device)) % self.memory
         self.bank_s[idx], self.bank_t[idx] = es[-k:], et[-k:]
         self.ptr.copy_((self.ptr + k) % self.memory); self.stored.clamp_(max=self.memory - k).add_(k)
 
     def compute(self, s_out, t_out, s_feats, t_feats, targets):
         es, et = self.embed(s_feats[0], t_feats[0])
-        n = int(self.stored)
-        bank_s, bank_t = self.bank_s[:n].clone(), self.bank_t[:n].clone()   # copies: the queue changes before backward
-        loss = info_nce(es, et, bank_t, self.temperature) + info_nce(et, es, bank_s, self.temperature)
+        filled = torch.arange(self.memory, device=es.device) < self.stored   # no host sync: works on any device
+        bank_s, bank_t = self.bank_s.clone(), self.bank_t.clone()   # copies: the queue changes before backward
+        loss = info_nce(es, et, bank_t, self.temperature, filled) + info_nce(et, es, bank_s, self.temperature, filled)
         if self.training: self._enqueue(es.detach(), et.detach())
         return loss
     def extra_repr(self): return f"dim={self.dim}, temperature={self.temperature}, memory={self.memory}"
@@ -521,13 +590,22 @@ def _check_pairs(pairs, what:str)->list:
 
 # %% ../nbs/11_kd_losses.ipynb #b9295a9d
 def _probe_input(learn)->torch.Tensor:
-    "A batch of one training input, read from the training dataset without touching the loader's shuffling."
-    try: item = learn.dls.train.dataset[0]
+    "Two training inputs (one, repeated, if there is only one), read from the training dataset without touching the loader's shuffling."
+    ds = learn.dls.train.dataset
+    try: items = [ds[i] for i in range(min(2, len(ds)))]
     except Exception as e:
         raise ConfigError(f"cannot read a sample from the training dataset to find the feature shapes ({type(e).__name__}); "
                           "build the losses before fitting: loss.build(student_shapes, teacher_shapes)") from e
-    x = item[0] if isinstance(item, (tuple, list)) else item
-    return x[None]
+    xs = [it[0] if isinstance(it, (tuple, list)) else it for it in items]
+    return torch.stack((xs * 2)[:2])
+
+# %% ../nbs/11_kd_losses.ipynb #26aa56df
+def _device_of(learn)->torch.device:
+    "The device the learner trains on: `learn.device` if it has one, else that of the model's first parameter or buffer."
+    dev = getattr(learn, "device", None)
+    if dev is not None: return torch.device(dev)
+    t = next(iter([*learn.model.parameters(), *learn.model.buffers()]), None)
+    return torch.device("cpu") if t is None else t.device
 
 # %% ../nbs/11_kd_losses.ipynb #266c9f0a
 class MultiDistillCB(Callback):
@@ -613,24 +691,37 @@ def balance(self:MultiDistillCB, terms:dict, # name -> scalar loss of the first 
 def before_fit(self:MultiDistillCB, learn):
     if self.teacher is learn.model:
         raise ConfigError("the teacher must be a separate model; for self-distillation pass a trained copy (copy.deepcopy(model))")
-    if self.teacher.training:
+    if not is_exported(self.teacher) and self.teacher.training:
         warnings.warn("MultiDistillCB: the teacher was in train mode; switched it to eval mode for distillation", stacklevel=2)
-    self.teacher.eval()
+    set_mode(self.teacher, False)
     self._grad = [p.requires_grad for p in self.teacher.parameters()]
     for p in self.teacher.parameters(): p.requires_grad_(False)
+    self._attach(learn)
+
+@patch
+def _attach(self:MultiDistillCB, learn):
+    "Hook `learn.model` and the teacher, (re)build the losses for the current feature shapes, join the optimizer."
+    dev = _device_of(learn)
     self._unhook()
+    if next(iter(self.teacher.parameters()), torch.empty(0, device=dev)).device != dev: self.teacher.to(dev)
     s_names = [s for ps in self.pairs.values() for s, _ in ps]
     t_names = [t for ps in self.pairs.values() for _, t in ps]
     if s_names: self.s_hooks, self.t_hooks = FeatureHooks(learn.model, s_names), FeatureHooks(self.teacher, t_names)
-    todo = {k: l for k, l in self.losses.items() if l.uses_features and l.shapes is None}
-    if todo:
-        x = _probe_input(learn)
+    feat = {k: l for k, l in self.losses.items() if l.uses_features}
+    if feat:
+        x = _probe_input(learn).to(dev)
         with eval_mode(learn.model), torch.no_grad(): learn.model(x); self.teacher(x)
-        for k, l in todo.items():
-            l.build([tuple(self.s_hooks[s].shape[1:]) for s, _ in self.pairs[k]],
-                    [tuple(self.t_hooks[t].shape[1:]) for _, t in self.pairs[k]])
+        for k, l in feat.items():
+            shapes = ([tuple(self.s_hooks[s].shape[1:]) for s, _ in self.pairs[k]], [tuple(self.t_hooks[t].shape[1:]) for _, t in self.pairs[k]])
+            if l.shapes is not None and shapes != l.shapes and any(True for _ in l.parameters()):
+                warnings.warn(f"MultiDistillCB: the feature shapes of loss {k!r} changed from {l.shapes} to {shapes}; "
+                              "its adapters are rebuilt and start from scratch", stacklevel=2)
+            if shapes != l.shapes: l.build(*shapes)
+    self.losses.to(dev)
+    if self.log_vars is not None and self.log_vars.device != dev: self.log_vars = nn.Parameter(self.log_vars.detach().to(dev))
     params = list(self.losses.parameters()) + ([self.log_vars] if self.log_vars is not None else [])
-    if params: learn.opt.add_param_group({"params": params})
+    have = {id(p) for g in learn.opt.param_groups for p in g["params"]}
+    if params and not any(id(p) in have for p in params): learn.opt.add_param_group({"params": params})
     self.losses.train()
 
 @patch
@@ -671,9 +762,17 @@ def after_epoch(self:MultiDistillCB, learn):
     if self.weighting != "fixed": learn.history[-1].update({f"w_{k}": w for k, w in self.effective_weights().items()})
 
 @patch
-def after_fit(self:MultiDistillCB, learn):
+def after_replace_model(self:MultiDistillCB, learn):
+    "The student was swapped mid-fit: hook the new one, rebuild adapters whose shapes changed, join the new optimizer."
+    self._attach(learn)
+
+@patch
+def cleanup(self:MultiDistillCB, learn):
+    "Runs when fit ends, even after an error: remove every hook and restore the teacher's `requires_grad` flags."
     self._unhook()
-    for p, g in zip(self.teacher.parameters(), self._grad): p.requires_grad_(g)
+    if getattr(self, "_grad", None) is not None:
+        for p, g in zip(self.teacher.parameters(), self._grad): p.requires_grad_(g)
+    self._grad = None
 
 # %% ../nbs/11_kd_losses.ipynb #5f6a36cb
 def mutual_losses(a:torch.Tensor, # (batch, classes) logits of network 1
@@ -702,9 +801,15 @@ class MutualLearningCB(Callback):
         self.weight = check_number(weight, "weight", lo=0)
     def before_fit(self, learn):
         if self.peer is learn.model: raise ConfigError("the peer must be a separate network from learn.model")
-        learn.opt.add_param_group({"params": list(self.peer.parameters())})
-    def before_train(self, learn): self.peer.train()
-    def before_validate(self, learn): self.peer.eval(); self.correct = self.seen = 0
+        self.peer.to(_device_of(learn))
+        self._join(learn)
+    def _join(self, learn):
+        have = {id(p) for g in learn.opt.param_groups for p in g["params"]}
+        params = [p for p in self.peer.parameters() if id(p) not in have]
+        if params: learn.opt.add_param_group({"params": params})
+    def after_replace_model(self, learn): self._join(learn)   # the new optimizer must train the peer too
+    def before_train(self, learn): set_mode(self.peer, True)
+    def before_validate(self, learn): set_mode(self.peer, False); self.correct = self.seen = 0
     def after_loss(self, learn):
         if learn.training:
             la, lb = mutual_losses(learn.preds, self.peer(learn.xb), learn.yb[0] if learn.yb else None,
@@ -714,7 +819,7 @@ class MutualLearningCB(Callback):
             self.correct += int((self.peer(learn.xb).argmax(1) == learn.yb[0]).sum()); self.seen += len(learn.xb)
     def after_epoch(self, learn):
         if getattr(self, "seen", 0) and learn.history: learn.history[-1]["peer_accuracy"] = self.correct / self.seen
-    def after_fit(self, learn): self.peer.eval()
+    def cleanup(self, learn): set_mode(self.peer, False)
 
 # %% ../nbs/11_kd_losses.ipynb #bb45d368
 class TfKDLoss(DistillLoss):
@@ -724,12 +829,12 @@ class TfKDLoss(DistillLoss):
                 ):
         super().__init__()
         self.correct_prob = check_number(correct_prob, "correct_prob", lo=0, hi=1, lo_open=True, hi_open=True)
-    def virtual_teacher(self, targets:torch.Tensor, n_classes:int)->torch.Tensor:
-        "(batch, classes) distributions: `correct_prob` on each target, the rest spread evenly."
-        p = torch.full((len(targets), n_classes), (1 - self.correct_prob) / (n_classes - 1))
+    def virtual_teacher(self, targets:torch.Tensor, n_classes:int, dtype:torch.dtype|None=None)->torch.Tensor:
+        "(batch, classes) distributions on the targets' device: `correct_prob` on each target, the rest spread evenly."
+        p = torch.full((len(targets), n_classes), (1 - self.correct_prob) / (n_classes - 1), device=targets.device, dtype=dtype)
         return p.scatter(1, targets[:, None], self.correct_prob)
     def compute(self, s_out, t_out, s_feats, t_feats, targets):
-        p = self.virtual_teacher(targets, s_out.shape[1])
+        p = self.virtual_teacher(targets, s_out.shape[1], s_out.dtype)
         return (p * (p.log() - F.log_softmax(s_out, -1))).sum(-1).mean()
     def extra_repr(self): return f"correct_prob={self.correct_prob}"
 
@@ -758,53 +863,104 @@ class AdversarialLoss(DistillLoss):
     def compute(self, s_out, t_out, s_feats, t_feats, targets): return sum(self.parts(s_out, t_out))
     def extra_repr(self): return f"temperature={self.temperature}"
 
+# %% ../nbs/11_kd_losses.ipynb #2455f725
+_LOSSES: dict = {}   # name -> (factory, one-line description)
+
+def register_loss(name:str, # lowercase letters, digits, '-' and '_', e.g. 'kd'
+                  factory, # a DistillLoss subclass, or any callable returning a DistillLoss
+                  description:str|None=None, # one line for `list_losses` (None: the first line of the factory's docstring)
+                 ):
+    "Register `factory` under `name` so that `get_loss(name, **kw)` builds it; returns `factory`."
+    import re
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+        raise ConfigError(f"loss name must use lowercase letters, digits, '-' and '_', got {name!r}")
+    if not callable(factory): raise ConfigError(f"factory of loss {name!r} must be callable, got {type(factory).__name__}")
+    doc = description or (factory.__doc__ or "").strip().split("\n")[0]
+    _LOSSES[name] = (factory, doc)
+    return factory
+
+# %% ../nbs/11_kd_losses.ipynb #150f799a
+def list_losses()->dict:
+    "{name: description} of every registered distillation loss, sorted by name."
+    return {k: d for k, (_, d) in sorted(_LOSSES.items())}
+
+# %% ../nbs/11_kd_losses.ipynb #fe25059b
+def get_loss(name:str, # a name from `list_losses()`
+             **kwargs, # keyword arguments of that loss's constructor
+            )->DistillLoss:
+    "Build the registered loss `name`; unknown names and keywords raise a `ConfigError` listing what is allowed."
+    factory = _LOSSES[check_choice(name, "loss", sorted(_LOSSES))][0]
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        allowed = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        bad = [k for k in kwargs if k not in allowed]
+        if bad: raise ConfigError(f"unknown keyword(s) {bad} for loss {name!r}; it accepts: {', '.join(allowed) or 'none'}")
+        missing = [k for k in allowed if params[k].default is params[k].empty and k not in kwargs]
+        if missing: raise ConfigError(f"loss {name!r} needs the keyword(s) {missing}")
+    loss = factory(**kwargs)
+    if not isinstance(loss, DistillLoss):
+        raise ConfigError(f"the factory of loss {name!r} returned a {type(loss).__name__}, not a DistillLoss")
+    return loss
+
+# %% ../nbs/11_kd_losses.ipynb #04fa1090
+def build_losses(spec:dict, # term -> 'name' | {'name': ..., **keywords} | DistillLoss
+                 n_classes:int|None=None, # passed to losses whose constructor takes `n_classes`, when not given
+                )->dict: # term -> DistillLoss
+    "Build every term of a recipe's loss specification with `get_loss`."
+    if not isinstance(spec, dict) or not spec:
+        raise ConfigError(f"a loss specification is a non-empty dict term -> loss name, got {spec!r}")
+    out = {}
+    for term, s in spec.items():
+        if isinstance(s, DistillLoss): out[term] = s; continue
+        if isinstance(s, str): s = {"name": s}
+        if not isinstance(s, dict) or "name" not in s:
+            raise ConfigError(f"loss {term!r}: give a loss name or a dict with 'name' and keywords, got {s!r}")
+        kw = {k: v for k, v in s.items() if k != "name"}
+        factory = _LOSSES.get(s["name"], (None,))[0]
+        if n_classes is not None and factory is not None and "n_classes" in inspect.signature(factory).parameters:
+            kw.setdefault("n_classes", n_classes)
+        out[term] = get_loss(s["name"], **kw)
+    return out
+
+# %% ../nbs/11_kd_losses.ipynb #e59009d0
+for _name, _cls in [("ce", CELoss), ("kd", KDLoss), ("dkd", DKDLoss), ("dist", DISTLoss), ("lskd", LSKDLoss),
+                    ("hint", HintLoss), ("at", AttentionLoss), ("cosine", CosineLoss), ("rkd", RKDLoss), ("sp", SPLoss),
+                    ("pkt", PKTLoss), ("crd", CRDLoss), ("tfkd", TfKDLoss), ("adversarial", AdversarialLoss)]:
+    register_loss(_name, _cls)
+
 # %% ../nbs/11_kd_losses.ipynb #6dc84bff
 LOSS_METHODS = {
     "hard": dict(family="baseline", note="cross-entropy on the labels only"),
-    "kd": dict(family="response", losses=lambda k: {"ce": CELoss(), "kd": KDLoss(4.0)}, weights={"ce": 0.1, "kd": 0.9},
+    "kd": dict(family="response", losses={"ce": "ce", "kd": {"name": "kd", "temperature": 4.0}}, weights={"ce": 0.1, "kd": 0.9},
                note="Hinton et al. 2015; T=4, weights 0.1/0.9"),
-    "dkd": dict(family="response", losses=lambda k: {"ce": CELoss(), "dkd": DKDLoss(1.0, 8.0, 4.0)}, weights={"ce": 1.0, "dkd": 1.0},
-                note="Zhao et al. 2022; CIFAR setting alpha=1, beta=8, T=4, without the warm-up"),
-    "dist": dict(family="response", losses=lambda k: {"ce": CELoss(), "dist": DISTLoss(1.0, 1.0, 1.0)}, weights={"ce": 1.0, "dist": 1.0},
-                 note="Huang et al. 2022; the authors' defaults beta=gamma=tau=1"),
-    "lskd": dict(family="response", losses=lambda k: {"ce": CELoss(), "lskd": LSKDLoss(2.0)}, weights={"ce": 0.1, "lskd": 9.0},
+    "dkd": dict(family="response", losses={"ce": "ce", "dkd": {"name": "dkd", "alpha": 1.0, "beta": 8.0, "temperature": 4.0}},
+                weights={"ce": 1.0, "dkd": 1.0}, note="Zhao et al. 2022; CIFAR setting alpha=1, beta=8, T=4, without the warm-up"),
+    "dist": dict(family="response", losses={"ce": "ce", "dist": {"name": "dist", "beta": 1.0, "gamma": 1.0, "temperature": 1.0}},
+                 weights={"ce": 1.0, "dist": 1.0}, note="Huang et al. 2022; the authors' defaults beta=gamma=tau=1"),
+    "lskd": dict(family="response", losses={"ce": "ce", "lskd": {"name": "lskd", "temperature": 2.0}}, weights={"ce": 0.1, "lskd": 9.0},
                  note="Sun et al. 2024; KD on z-scored logits, the authors' T=2 and KD weight 9"),
-    "fitnets": dict(family="feature", losses=lambda k: {"ce": CELoss(), "hint": HintLoss()}, pairs="middle", weighting="balanced",
+    "fitnets": dict(family="feature", losses={"ce": "ce", "hint": "hint"}, pairs="middle", weighting="balanced",
                     note="Romero et al. 2015; hint on the middle block"),
-    "at": dict(family="feature", losses=lambda k: {"ce": CELoss(), "at": AttentionLoss()}, pairs="stages", weighting="balanced",
+    "at": dict(family="feature", losses={"ce": "ce", "at": "at"}, pairs="stages", weighting="balanced",
                note="Zagoruyko and Komodakis 2017; stage ends"),
-    "cosine": dict(family="feature", losses=lambda k: {"ce": CELoss(), "cos": CosineLoss()}, pairs="final", weighting="balanced",
+    "cosine": dict(family="feature", losses={"ce": "ce", "cos": "cosine"}, pairs="final", weighting="balanced",
                    note="PyTorch KD tutorial; final features"),
-    "rkd": dict(family="relation", losses=lambda k: {"ce": CELoss(), "rkd": RKDLoss(1.0, 2.0)}, pairs="final", weighting="balanced",
-                note="Park et al. 2019; distance 1, angle 2"),
-    "sp": dict(family="relation", losses=lambda k: {"ce": CELoss(), "sp": SPLoss()}, pairs="final", weighting="balanced", note="Tung and Mori 2019"),
-    "pkt": dict(family="relation", losses=lambda k: {"ce": CELoss(), "pkt": PKTLoss()}, pairs="final", weighting="balanced", note="Passalis and Tefas 2018"),
-    "crd": dict(family="relation", losses=lambda k: {"ce": CELoss(), "crd": CRDLoss(64, 0.07, 1024)}, pairs="final", weighting="balanced",
-                note="Tian et al. 2020; InfoNCE with a 1024-entry queue, tau=0.07"),
+    "rkd": dict(family="relation", losses={"ce": "ce", "rkd": {"name": "rkd", "distance_weight": 1.0, "angle_weight": 2.0}},
+                pairs="final", weighting="balanced", note="Park et al. 2019; distance 1, angle 2"),
+    "sp": dict(family="relation", losses={"ce": "ce", "sp": "sp"}, pairs="final", weighting="balanced", note="Tung and Mori 2019"),
+    "pkt": dict(family="relation", losses={"ce": "ce", "pkt": "pkt"}, pairs="final", weighting="balanced", note="Passalis and Tefas 2018"),
+    "crd": dict(family="relation", losses={"ce": "ce", "crd": {"name": "crd", "dim": 64, "temperature": 0.07, "memory": 1024}},
+                pairs="final", weighting="balanced", note="Tian et al. 2020; InfoNCE with a 1024-entry queue, tau=0.07"),
     "dml": dict(family="online", note="Zhang et al. 2018; two students, no teacher"),
-    "born-again": dict(family="self", losses=lambda k: {"ce": CELoss(), "kd": KDLoss(4.0)}, weights={"ce": 0.1, "kd": 0.9},
+    "born-again": dict(family="self", losses={"ce": "ce", "kd": {"name": "kd", "temperature": 4.0}}, weights={"ce": 0.1, "kd": 0.9},
                        teacher="self", note="Furlanello et al. 2018; teacher = the hard-label student of the same seed, kd recipe"),
-    "tf-kd": dict(family="self", losses=lambda k: {"ce": CELoss(), "tfkd": TfKDLoss(0.9)}, weights={"ce": 0.1, "tfkd": 0.9},
+    "tf-kd": dict(family="self", losses={"ce": "ce", "tfkd": {"name": "tfkd", "correct_prob": 0.9}}, weights={"ce": 0.1, "tfkd": 0.9},
                   note="Yuan et al. 2020; virtual teacher a=0.9"),
-    "kd-adaptive": dict(family="adaptive", losses=lambda k: {"ce": CELoss(), "kd": KDLoss(4.0)}, weights={"ce": 0.1, "kd": 0.9},
+    "kd-adaptive": dict(family="adaptive", losses={"ce": "ce", "kd": {"name": "kd", "temperature": 4.0}}, weights={"ce": 0.1, "kd": 0.9},
                         weighting="uncertainty", note="the kd recipe with uncertainty weighting (Kendall et al. 2018)"),
-    "adversarial": dict(family="adversarial", losses=lambda k: {"ce": CELoss(), "adv": AdversarialLoss(k)}, weights={"ce": 1.0, "adv": 1.0},
+    "adversarial": dict(family="adversarial", losses={"ce": "ce", "adv": "adversarial"}, weights={"ce": 1.0, "adv": 1.0},
                         note="discriminator on softmax outputs (Xu et al. 2018)"),
 }
-
-# %% ../nbs/11_kd_losses.ipynb #2b1e7078
-LOSS_BENCH = {
-    "mnist1d": dict(teacher=(64, 64, 64), student=(8, 16, 32), teacher_epochs=30, epochs=20, lr=3e-3, batch_size=128),
-    "digits": dict(teacher=(64, 64, 64), student=(8, 16, 32), teacher_epochs=15, epochs=10, lr=3e-3, batch_size=64),
-}
-
-# %% ../nbs/11_kd_losses.ipynb #7f0faa7e
-class _TrainTimer(Callback):
-    "Accumulate the wall time of the training phases (validation excluded) in `self.seconds`."
-    order = 100
-    def before_fit(self, learn): self.seconds = 0.0
-    def before_train(self, learn): self.t0 = time.perf_counter()
-    def after_train(self, learn): self.seconds += time.perf_counter() - self.t0
 
 # %% ../nbs/11_kd_losses.ipynb #474d7bca
 def method_callbacks(method:str, # a name from `LOSS_METHODS`
@@ -825,102 +981,8 @@ def method_callbacks(method:str, # a name from `LOSS_METHODS`
         return [MutualLearningCB(peer)]
     t = self_teacher if spec.get("teacher") == "self" else teacher
     if t is None: raise ConfigError(f"method {method!r} needs a {'self_teacher' if spec.get('teacher') == 'self' else 'teacher'}")
-    losses = spec["losses"](n_classes)
+    losses = build_losses(spec["losses"], n_classes)
     pairs = {"middle": [("features.1", "features.1")], "final": [("features", "features")],
              "stages": propose_pairs(student, t, input_shape), None: None}[spec.get("pairs")]
     if pairs is not None: pairs = {k: pairs for k, l in losses.items() if l.uses_features}
     return [MultiDistillCB(t, losses, spec.get("weights"), pairs, weighting=spec.get("weighting", "fixed"))]
-
-# %% ../nbs/11_kd_losses.ipynb #62b4d1b4
-def _fit_eval(model:nn.Module, dls, epochs:int, lr:float, cbs:list=())->tuple:
-    "Train with a one-cycle schedule; return (test accuracy, training seconds per epoch)."
-    timer = _TrainTimer()
-    learn = Learner(model, dls, lr=lr, cbs=[*cbs, SchedulerCB("onecycle"), timer], progress=False)
-    learn.fit(epochs)
-    return learn.history[-1]["valid_accuracy"], timer.seconds / epochs
-
-# %% ../nbs/11_kd_losses.ipynb #b84b7adb
-def _bench_loaders(name:str, batch_size:int, seed:int, fast:bool):
-    "The dataset's loaders, shuffled by `seed`; in fast mode only the first 512 training and test samples."
-    dls = get_loaders(name, batch_size=batch_size, seed=seed)
-    if not fast: return dls
-    sub = lambda ds: torch.utils.data.Subset(ds, range(min(512, len(ds))))
-    return from_datasets(sub(dls.train.dataset), sub(dls.test.dataset), dls.n_classes, batch_size=batch_size,
-                         seed=seed, classes=dls.classes, name=dls.name)
-
-# %% ../nbs/11_kd_losses.ipynb #1620be45
-_FAMILY_COLORS = {"response": "C0", "feature": "C1", "relation": "C2", "online": "C3", "self": "C4",
-                  "adaptive": "C5", "adversarial": "C6"}
-
-def plot_losses_benchmark(table:list, # summary rows of the "losses" experiment
-                         ):
-    "Horizontal bars of each method's gain over the hard-label student (points, mean ± std), one panel per dataset."
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-    datasets = list(dict.fromkeys(r["dataset"] for r in table))
-    n = max(sum(1 for r in table if r["dataset"] == d) for d in datasets)
-    fig = Figure(figsize=(4.6 * len(datasets), 0.28 * n + 1.6), layout="constrained")
-    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
-    for ax, d in zip(axes, datasets):
-        rows = {r["method"]: r for r in table if r["dataset"] == d}
-        bars = [r for m, r in rows.items() if m not in ("teacher", "hard")]
-        ax.barh(range(len(bars)), [100 * r["gain_mean"] for r in bars], xerr=[100 * r["gain_std"] for r in bars],
-                color=[_FAMILY_COLORS.get(r["family"], "C7") for r in bars], capsize=2)
-        ax.axvline(0, color="k", lw=0.8)
-        ax.set_yticks(range(len(bars)), [r["method"] for r in bars]); ax.invert_yaxis()
-        ax.set_xlabel("gain over hard-label student (points)"); ax.grid(axis="x", alpha=0.3)
-        title = f"{d}: student {100 * rows['hard']['accuracy_mean']:.1f}%"
-        if "teacher" in rows: title += f", teacher {100 * rows['teacher']['accuracy_mean']:.1f}%"
-        ax.set_title(title, fontsize=10)
-    fams = list(dict.fromkeys(r["family"] for r in table if r["family"] in _FAMILY_COLORS))
-    axes[-1].legend(handles=[Patch(color=_FAMILY_COLORS[f], label=f) for f in fams], fontsize=8, loc="lower right")
-    return fig
-
-# %% ../nbs/11_kd_losses.ipynb #8effb954
-@register_experiment("losses", "every distillation loss and strategy of chapter 11 on one teacher/student pair (MNIST-1D, digits)")
-def losses_benchmark(seeds:Iterable[int]=(0, 1, 2), # student seeds (the teacher always uses seed 0)
-                     fast:bool=False, # 512 samples, 2 teacher epochs and 1 student epoch: a smoke test
-                     progress:bool=True, # one line (or a bar) per run
-                     datasets:Iterable[str]=("mnist1d", "digits"), # names from `LOSS_BENCH`
-                     methods:Iterable[str]|None=None, # names from `LOSS_METHODS` (None: all; 'hard' is always added)
-                    )->ExperimentResult:
-    "Train the benchmark pair with every method over `seeds`; table of accuracy, gain over the hard-label student and seconds per epoch."
-    methods = list(LOSS_METHODS) if methods is None else [check_choice(m, "method", LOSS_METHODS) for m in methods]
-    methods = ["hard"] + [m for m in methods if m != "hard"]
-    datasets, seeds = [check_choice(d, "dataset", LOSS_BENCH) for d in datasets], [int(s) for s in seeds]
-    runs, teachers, selfs = [], {}, {}
-    with num_threads(1):
-        for d, seed, m in track([(d, s, m) for d in datasets for s in seeds for m in methods], "losses", enable=progress):
-            cfg = LOSS_BENCH[d]
-            if d not in teachers:
-                dls = _bench_loaders(d, cfg["batch_size"], 0, fast)
-                set_seed(0); teacher = CNN(dls.input_shape, dls.n_classes, channels=cfg["teacher"])
-                acc, sec = _fit_eval(teacher, dls, 2 if fast else cfg["teacher_epochs"], cfg["lr"])
-                teachers[d] = teacher
-                runs.append(dict(dataset=d, method="teacher", family="teacher", seed=0, accuracy=acc, sec_per_epoch=sec))
-            dls = _bench_loaders(d, cfg["batch_size"], seed, fast)
-            set_seed(seed); student = CNN(dls.input_shape, dls.n_classes, channels=cfg["student"])
-            cbs = method_callbacks(m, student, teachers[d], dls.input_shape, dls.n_classes, selfs.get((d, seed)), seed)
-            acc, sec = _fit_eval(student, dls, 1 if fast else cfg["epochs"], cfg["lr"], cbs)
-            if m == "hard": selfs[(d, seed)] = copy.deepcopy(student)
-            runs.append(dict(dataset=d, method=m, family=LOSS_METHODS[m]["family"], seed=seed, accuracy=acc, sec_per_epoch=sec))
-    hard = {(r["dataset"], r["seed"]): r["accuracy"] for r in runs if r["method"] == "hard"}
-    for r in runs:
-        ref = [a for (d, _), a in hard.items() if d == r["dataset"]] if r["method"] == "teacher" else [hard[(r["dataset"], r["seed"])]]
-        r["gain"] = r["accuracy"] - sum(ref) / len(ref)
-    table = summarize(runs, ["dataset", "method", "family"], ["accuracy", "gain", "sec_per_epoch"], percent=["accuracy", "gain"])
-    summary = {}
-    for d in datasets:
-        rows = [r for r in table if r["dataset"] == d and r["method"] not in ("teacher", "hard")]
-        best = max(rows, key=lambda r: r["gain_mean"])
-        summary[f"{d}_teacher_accuracy"] = next(r["accuracy_mean"] for r in table if r["dataset"] == d and r["method"] == "teacher")
-        summary[f"{d}_hard_accuracy"] = next(r["accuracy_mean"] for r in table if r["dataset"] == d and r["method"] == "hard")
-        summary[f"{d}_best"] = f"{best['method']} ({100 * best['gain_mean']:+.2f} points)"
-        summary[f"{d}_helped"] = sum(r["gain_mean"] > 0 and r["gain_mean"] > r["gain_std"] for r in rows)
-    notes = ("gain: accuracy minus the hard-label student's with the same seed (same initialisation and batch order), "
-             "in percentage points; the teacher row compares with the mean hard-label accuracy. sec_per_epoch: training "
-             "phase only, one thread. helped: methods whose mean gain is positive and larger than its standard deviation.")
-    return ExperimentResult("losses", runs, table, summary,
-                            columns=["dataset", "method", "family", "n", "accuracy", "gain", "sec_per_epoch"],
-                            config=dict(setup={d: LOSS_BENCH[d] for d in datasets}, method_list=methods),
-                            figures={"losses": plot_losses_benchmark(table)}, notes=notes)

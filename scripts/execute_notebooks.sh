@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Regenerate the outputs stored in the notebooks (what the docs show) by executing them for
 # real, slow cells included, then clean them the way CI checks. Prints one line per cell.
-# Usage: bash scripts/execute_notebooks.sh [NOTEBOOK ...]   (default: every chapter; slow)
+# Usage: bash scripts/execute_notebooks.sh [--keep-slow] [NOTEBOOK ...]   (default: every chapter; slow)
+#   --keep-slow  execute every cell but the `#| slow` ones, which keep the outputs stored by their last
+#                real run: for a change to prose or to fast cells only, never after the slow cells' code changed.
 set -euo pipefail
+keep_slow=0
+if [ "${1:-}" = "--keep-slow" ]; then keep_slow=1; shift; fi
 cd "$(dirname "$0")/../nbs"
 export EDGEKD_PROGRESS=plain MPLBACKEND=module://matplotlib_inline.backend_inline
 py=${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/}
@@ -10,14 +14,17 @@ py=${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/}
 nbs=("$@"); [ ${#nbs[@]} -gt 0 ] || nbs=([0-9]*.ipynb)
 for nb in "${nbs[@]}"; do
   nb=$(basename "$nb")
-  echo "executing $nb"
+  echo "executing $nb$([ $keep_slow = 1 ] && echo ' (slow cells keep their stored outputs)')"
   start=$SECONDS
-  "${py}python" - "$nb" <<'PY'
+  "${py}python" - "$nb" "$keep_slow" <<'PY'
 import sys, time, nbformat
 from nbclient import NotebookClient
-path = sys.argv[1]
+path, keep_slow = sys.argv[1], sys.argv[2] == "1"
 nb = nbformat.read(path, as_version=4)
 code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+slow = [i for i in code if nb.cells[i].source.lstrip().startswith("#| slow")] if keep_slow else []
+kept = {i: (nb.cells[i].source, nb.cells[i].outputs) for i in slow}
+for i in slow: nb.cells[i].source = "pass  # a slow cell: its stored outputs are kept"
 t = {"cell": time.time()}
 def done(cell, cell_index, **_):
     now = time.time()
@@ -27,6 +34,7 @@ def done(cell, cell_index, **_):
 client = NotebookClient(nb, timeout=None, kernel_name="python3", resources={"metadata": {"path": "."}},
                         on_cell_executed=done)
 client.execute()
+for i, (src, outputs) in kept.items(): nb.cells[i].source, nb.cells[i].outputs = src, outputs
 # Live widgets (sliders) only work in a running kernel: drop their outputs and saved state;
 # the static figures next to them are what the docs show.
 nb.metadata.pop("widgets", None)

@@ -1,5 +1,6 @@
 """End-to-end tests of the installed `edgekd` console script, run as a user would run it."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,14 +18,14 @@ def edgekd(*args, cwd=None, timeout=600):
 def test_help_lists_subcommands():
     r = edgekd("--help")
     assert r.returncode == 0
-    for cmd in ("run", "datasets", "models"):
+    for cmd in ("run", "reproduce", "deploy", "arm-check", "datasets", "models", "losses"):
         assert cmd in r.stdout
 
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "digits"
-    r = edgekd("run", "--epochs", "3", "--out", str(out), "--arm-check", "off")
+    r = edgekd("run", "--dataset", "digits", "--epochs", "5", "--out", str(out), "--arm-check", "off")
     assert r.returncode == 0, r.stderr
     return out, r
 
@@ -37,31 +38,52 @@ def test_run_writes_a_complete_report(short_run):
     report = json.loads((out / "report.json").read_text())
     rows = {row["name"]: row for row in report["rows"]}
     assert list(rows) == ["teacher", "student", "student_kd"]
+    assert report["stages"] == ["teacher", "student", "distill", "export"]
+    assert report["final"]["model"] == "student_kd" == report["export"][0]["model"]
+    assert report["models"] == {n: f"weights/{n}.pt" for n in rows}
     for row in rows.values():
-        assert 0.1 < row["accuracy"] <= 1.0          # better than chance on 10 classes
+        for split in ("valid", "test"):
+            assert 0.1 < row[f"{split}_accuracy"] <= 1.0          # better than chance on 10 classes
         assert row["params"] > 0 and row["macs"] > 0 and row["bytes"] > 4 * row["params"]
         assert row["latency_ms"] > 0
     assert rows["student"]["params"] == rows["student_kd"]["params"] < rows["teacher"]["params"]
+    kd = report["kd"]
+    assert kd["kd_gain"] == rows["student_kd"]["test_accuracy"] - rows["student"]["test_accuracy"]
+    fin = report["final"]
+    assert fin["compression"] == rows["teacher"]["bytes"] / rows["student_kd"]["bytes"]
     md = (out / "report.md").read_text()
     for name in rows:
-        assert f"| {name} |" in md
+        assert f"| {name} " in md
+    assert re.search(r"^\| name +\| valid_accuracy \| test_accuracy \|", md, re.M), md
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "teacher" in r.stdout and "report written to" in r.stdout
+    assert "[1/4] teacher done in" in r.stdout and "report written to" in r.stdout
 
 
-def test_weights_load_safely(short_run):
+def _tensors(obj):
+    if hasattr(obj, "shape"): return [obj]
+    if isinstance(obj, dict): return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)): return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def test_models_load_safely_and_rebuild(short_run):
     import torch
+    import edgekd.models as models
     out, _ = short_run
-    sd = torch.load(out / "weights" / "teacher.pt", weights_only=True)
-    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    report = json.loads((out / "report.json").read_text())
+    teacher = report["rows"][0]
+    obj = torch.load(out / "weights" / "teacher.pt", weights_only=True)
+    assert sum(t.numel() for t in _tensors(obj) if t.is_floating_point()) >= teacher["params"]
+    m = models.load_model(out / "weights" / "teacher.pt")   # architecture + weights: the file alone rebuilds the model
+    assert sum(p.numel() for p in m.parameters()) == teacher["params"]
 
 
 def test_same_seed_same_numbers(short_run, tmp_path):
     out, _ = short_run
-    r = edgekd("run", "--epochs", "3", "--out", str(tmp_path / "again"), "--quiet", "--no-export")
+    r = edgekd("run", "--dataset", "digits", "--epochs", "5", "--out", str(tmp_path / "again"), "--quiet", "--no-export")
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
-    acc = lambda p: [row["accuracy"] for row in json.loads((p / "report.json").read_text())["rows"]]
+    acc = lambda p: [(row["valid_accuracy"], row["test_accuracy"]) for row in json.loads((p / "report.json").read_text())["rows"]]
     assert acc(out) == acc(tmp_path / "again")
 
 
@@ -73,6 +95,11 @@ def test_same_seed_same_numbers(short_run, tmp_path):
     (["run", "--bogus"], 2, "unrecognized arguments: --bogus"),
     (["run", "--dataset", "mnist", "--data-root", "{tmp}/missing"], 1, "{tmp}/missing"),
     (["run", "--out", "{tmp}/afile/run"], 2, "not writable"),
+    (["run", "--stages", "distill", "teacher"], 2, "stage 'distill' needs one of teacher before it"),
+    (["run", "--stages", "teacher", "student", "prune"], 2, "stage 'prune' needs a setting: give --prune"),
+    (["run", "--loss", "magic"], 2, "unknown loss 'magic'; choose one of: kd,"),
+    (["run", "--prune", "0"], 2, "prune sparsity must be > 0, got 0.0"),
+    (["run", "--device", "gpu"], 2, "unknown device 'gpu'; choose one of: auto, cpu, cuda"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_output(tmp_path, args, code, message):
     (tmp_path / "afile").write_text("not a folder")
@@ -93,17 +120,83 @@ def test_failed_stage_leaves_no_output(tmp_path, monkeypatch):
         (run.dir / "report.md").write_text("looks complete but is not")
         raise RuntimeError("stage failed")
 
-    monkeypatch.setattr(pl, "default_stages", lambda cfg: [("teacher", pl.stage_teacher), ("broken", broken)])
+    monkeypatch.setitem(pl.STAGES, "broken", pl.Stage("broken", broken))
     from edgekd.cli import main
-    code = main(["run", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
+    code = main(["run", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet", "--stages", "teacher", "broken"])
     assert code == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_compression_chapter_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "edgekd.quant", None)     # as if the chapter were not installed
+    from edgekd.cli import main
+    code = main(["run", "--quantize", "ptq", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("edgekd: error: --quantize needs edgekd.quant.quantize_model, which cannot be imported here"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_flag_calls_the_pruning_chapter_on_the_current_model(tmp_path, monkeypatch, capsys):
+    import copy
+    import types
+    import torch
+    calls = []
+
+    def prune_finetune(model, dls, sparsity, method="l1-structured", teacher=None, epochs=5, lr=1e-3, seed=0):
+        calls.append(dict(sparsity=sparsity, method=method, epochs=epochs, seed=seed, teacher=teacher is not None,
+                          weights=[p.detach().clone() for p in model.parameters()]))
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in model.parameters(): p[p.abs() < p.abs().median()] = 0   # a stand-in for real pruning
+        return model
+
+    monkeypatch.setitem(sys.modules, "edgekd.prune", types.SimpleNamespace(prune_finetune=prune_finetune))
+    from edgekd.cli import main
+    out = tmp_path / "run"
+    code = main(["run", "--dataset", "digits", "--epochs", "2", "--out", str(out), "--quiet", "--no-export", "--seed", "3",
+                 "--prune", "0.5", "--prune-method", "l1-unstructured", "--finetune-epochs", "1"])
+    assert code == 0, capsys.readouterr().err
+    assert [(c["sparsity"], c["method"], c["epochs"], c["seed"], c["teacher"]) for c in calls] == [(0.5, "l1-unstructured", 1, 3, True)]
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert report["stages"] == ["teacher", "student", "distill", "prune"]
+    assert report["final"]["model"] == "pruned" and rows["pruned"]["from"] == "student_kd"
+    assert rows["pruned"]["nonzero"] < rows["student_kd"]["nonzero"]
+    import edgekd.models as models
+    kd = models.load_model(out / "weights" / "student_kd.pt")   # the prune stage started from the distilled student
+    assert all(torch.equal(a, b) for a, b in zip(calls[0]["weights"], kd.parameters()))
+    pruned = models.load_model(out / "weights" / "pruned.pt")
+    assert sum(int((p != 0).sum()) for p in pruned.parameters()) == rows["pruned"]["nonzero"]
+
+
+def test_default_dataset_distills_on_a_transfer_set_over_seeds(tmp_path):
+    out = tmp_path / "run"
+    r = edgekd("run", "--epochs", "1", "--transfer", "500", "--seeds", "4", "5", "--no-export", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (report["config"]["dataset"], report["config"]["transfer"], report["config"]["seed"]) == ("mnist1d", 500, 4)
+    sd = report["seeds"]
+    assert sd["seeds"] == [4, 5] and [p["seed"] for p in sd["per_seed"]] == [4, 5]
+    rows = {row["name"]: row for row in report["rows"]}
+    assert sd["per_seed"][0]["kd_gain"] == rows["student_kd"]["test_accuracy"] - rows["student"]["test_accuracy"]
+    gains = [p["kd_gain"] for p in sd["per_seed"]]
+    assert abs(sd["kd_gain_mean"] - sum(gains) / 2) < 1e-12
+    assert abs(sd["kd_gain_std"] - abs(gains[0] - gains[1]) / 2 ** 0.5) < 1e-12     # sample std of two values
+    assert sorted(p.name for p in (out / "seeds" / "seed-5" / "weights").iterdir()) == ["student.pt", "student_kd.pt", "teacher.pt"]
+    assert "over 2 seeds" in r.stdout.splitlines()[-1] and "± " in (out / "report.md").read_text()
+
+
+def test_losses_command_lists_the_loss_option_choices():
+    r = edgekd("losses")
+    assert r.returncode == 0 and r.stdout.split()[0] == "kd" and "dkd" in r.stdout.split()
 
 
 def test_deploy_rebuilds_the_bundle_from_a_run(short_run, tmp_path):
     out, _ = short_run
     r = edgekd("deploy", str(out), "--out", str(tmp_path / "bundle"))
     assert r.returncode == 0, r.stderr
+    assert "bundle of student_kd written to" in r.stdout     # the run's final model, read from report.json
     meta = json.loads((tmp_path / "bundle" / "metadata.json").read_text())
     assert meta["format"] == "edgekd-bundle" and "onnx" in meta["artifacts"]
     import numpy as np

@@ -1,0 +1,196 @@
+"""edgekd.export: the lazy package API and its import cost, the standalone predictor (bundle's predict.py),
+the artifact-kinds table, and parity of exported graphs and models with replaced layers."""
+import ast
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import edgekd.export as ex
+from edgekd.core import ConfigError
+from edgekd.export import (ARTIFACTS, ArtifactKind, check_parity, export_all, load_bundle, parity_report, predictor,
+                           quantize_onnx_int8, quantize_tflite, register_artifact, verify_bundle, write_bundle)
+from edgekd.export.bundle import _requirements
+
+TRAINING = {"edgekd.learner", "edgekd.kd", "edgekd.losses", "edgekd.data", "matplotlib"}
+
+
+def loaded_modules(code: str) -> set:
+    """Modules present in `sys.modules` after running `code` in a fresh interpreter."""
+    r = subprocess.run([sys.executable, "-c", code + "; import sys, json; print(json.dumps(sorted(sys.modules)))"],
+                       capture_output=True, text=True, check=True)
+    return set(json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def test_import_edgekd_export_loads_no_torch_and_no_training_stack():
+    mods = loaded_modules("import edgekd.export")
+    assert not ({"torch"} | TRAINING) & mods, sorted(({"torch"} | TRAINING) & mods)
+
+
+def test_bundle_and_converter_names_load_no_training_stack():
+    mods = loaded_modules("from edgekd.export import write_bundle, load_bundle, verify_bundle, export_onnx, load_runtime")
+    assert "torch" in mods and "edgekd.export.bundle" in mods
+    assert not TRAINING & mods, sorted(TRAINING & mods)
+
+
+def test_lazy_api_lists_exactly_the_public_names():
+    from edgekd.export import bundle, converters, runtimes
+    for mod in (converters, runtimes, bundle):
+        short = mod.__name__.rsplit(".", 1)[1]
+        assert sorted(n for n, m in ex._API.items() if m == short) == sorted(mod.__all__)
+        for name in mod.__all__:
+            assert getattr(ex, name) is getattr(mod, name)
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        ex.nope
+
+
+def test_quantizers_take_the_same_argument_order():
+    for fn in (quantize_onnx_int8, quantize_tflite):
+        assert list(inspect.signature(fn).parameters)[:3] == ["model_path", "calibration", "out"]
+
+
+# ----------------------------------------------------------------------------- the standalone predictor
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12, 5)).eval()
+    x = torch.randn(32, 1, 12).numpy()
+    data = dict(input_shape=(1, 12), classes=list("abcde"), sample_inputs=x[:6], calibration=x)
+    return write_bundle(model, data, tmp_path_factory.mktemp("export") / "bundle", artifacts=["onnx", "tflite", "tflite_int8"])
+
+
+def test_predict_py_is_the_predictor_module(bundle):
+    assert (bundle / "predict.py").read_bytes() == Path(predictor.__file__).read_bytes()
+
+
+def test_predictor_parses_as_python_3_9_and_imports_only_numpy_and_runtimes():
+    src = Path(predictor.__file__).read_text()
+    tree = ast.parse(src, feature_version=(3, 9))      # the oldest Python the bundle README promises
+    imported = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import): imported |= {a.name.split(".")[0] for a in n.names}
+        elif isinstance(n, ast.ImportFrom): imported.add(n.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names)
+    assert third_party == {"numpy", "onnxruntime", "ai_edge_litert"}, third_party
+
+
+def test_predictor_lints_clean():
+    pyflakes = pytest.importorskip("pyflakes.api")
+    from pyflakes.reporter import Reporter
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    n = pyflakes.check(Path(predictor.__file__).read_text(), "predict.py", Reporter(out, err))
+    assert n == 0, out.getvalue() + err.getvalue()
+
+
+def test_predict_py_runs_without_torch_or_edgekd(bundle):
+    block = ("import sys; sys.modules.update(torch=None, edgekd=None); sys.argv = sys.argv[1:]; "
+             "import runpy; runpy.run_path(sys.argv[0], run_name='__main__')")
+    ref = np.load(bundle / "reference_tflite_int8.npy")
+    out = bundle.parent / "y.npy"
+    r = subprocess.run([sys.executable, "-c", block, str(bundle / "predict.py"), str(bundle / "sample_inputs.npy"),
+                        "--artifact", "tflite_int8", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["predictions"] == ref.argmax(1).tolist() and res["labels"] == [list("abcde")[i] for i in res["predictions"]]
+    assert np.array_equal(np.load(out), ref)            # same machine, same runtime: identical logits
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["missing.npy"], 2, "cannot read missing.npy as a .npy array"),
+    (["sample_inputs.npy", "--threads", "0"], 2, "--threads and --repeat must be >= 1"),
+    (["wrong.npy"], 2, "input has shape (2, 12), expected (batch, 1, 12)"),
+])
+def test_predict_py_errors_have_exit_status(bundle, args, status, message):
+    np.save(bundle / "wrong.npy", np.zeros((2, 12), np.float32))
+    r = subprocess.run([sys.executable, "predict.py", *args], cwd=bundle, capture_output=True, text=True)
+    assert r.returncode == status and r.stderr.startswith("predict.py: error: ") and message in r.stderr, r.stderr
+
+
+def test_predictor_in_process_matches_runtime(bundle):
+    from edgekd.export import load_runtime
+    x = np.load(bundle / "sample_inputs.npy")
+    for key in ("onnx", "tflite_int8"):
+        m = predictor.open_model(str(bundle / load_bundle(bundle)["artifacts"][key]))
+        assert np.array_equal(predictor.predict(m, predictor.check_inputs(x, m.input_shape)),
+                              load_runtime(bundle / load_bundle(bundle)["artifacts"][key]).predict(x))
+    with pytest.raises(predictor.InputError, match="expected float32"):
+        predictor.check_inputs(x.astype(np.float64), (1, 12))
+
+
+# ----------------------------------------------------------------------------- artifact kinds as data
+
+def test_one_entry_adds_a_kind_everywhere(bundle, tmp_path):
+    def make(base, out, calibration, input_shape=None, opset=None):
+        return quantize_onnx_int8(base, calibration, out, per_channel=False)
+    register_artifact(ArtifactKind("onnx_int8_tensor", "model_int8_tensor.onnx", make, "onnxruntime", "ORT int8/tensor",
+                                   "ONNX int8, per-tensor weights", base="onnx", exact=False,
+                                   device_tolerance=("span", 0.05), calibrated=True))
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+        x = torch.randn(64, 1, 12).numpy()
+        data = dict(input_shape=(1, 12), classes=list("abcde"), sample_inputs=x[:6], calibration=x)
+        b = write_bundle(model, data, tmp_path / "b", artifacts=["onnx_int8_tensor"])
+        meta = load_bundle(b)
+        assert meta["artifacts"] == {"onnx_int8_tensor": "model_int8_tensor.onnx"}        # its base was not kept
+        assert meta["artifact_info"]["onnx_int8_tensor"]["runtime"] == "onnxruntime"
+        ref = np.load(b / "reference_onnx_int8_tensor.npy")
+        assert meta["tolerance"]["onnx_int8_tensor"] == pytest.approx(max(0.05 * float(ref.max() - ref.min()), 1e-3), abs=1e-6)
+        assert [l.split("==")[0] for l in (b / "requirements.txt").read_text().split()][1:] == ["onnxruntime"]
+        assert all(r["ok"] for r in verify_bundle(b))
+        from edgekd.arm import _plan
+        assert [p["runtime"] for p in _plan(b, meta, None)] == ["onnxruntime"]
+        with pytest.raises(ConfigError, match="exists"):
+            register_artifact(ARTIFACTS["onnx_int8_tensor"])
+    finally:
+        del ARTIFACTS["onnx_int8_tensor"]
+
+
+def test_requirements_follow_the_table():
+    assert [l.split("==")[0] for l in _requirements(["tflite_fp16", "onnx"]).split()[1:]] == ["ai-edge-litert", "onnxruntime"]
+
+
+# ----------------------------------------------------------------------------- exported graphs, replaced layers
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 1, 12, generator=g)
+    y = (x.flatten(1)[:, :5].argmax(1)).numpy()
+    return x, y
+
+
+def _trained():
+    torch.manual_seed(0)
+    x, y = _data()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 5))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):
+        opt.zero_grad(); nn.functional.cross_entropy(model(x), torch.from_numpy(y)).backward(); opt.step()
+    return model.eval(), x, y
+
+
+@pytest.mark.parametrize("kind", ["exported_graph", "replaced_layer"])
+def test_exported_and_replaced_models_export_with_parity(kind, tmp_path):
+    model, x, y = _trained()
+    if kind == "exported_graph":
+        model = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)).module()
+    else:                                # Linear(12, 32) -> Linear(12, 6) -> Linear(6, 32): a rank-6 factorization
+        lin = model[1]
+        U, S, Vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
+        a, b = nn.Linear(12, 6, bias=False), nn.Linear(6, 32)
+        with torch.no_grad():
+            a.weight.copy_(S[:6, None] * Vh[:6]); b.weight.copy_(U[:, :6]); b.bias.copy_(lin.bias)
+        model[1] = nn.Sequential(a, b)
+    arts = export_all(model, tmp_path, x.numpy(), artifacts=["onnx", "tflite", "onnx_int8", "tflite_int8"], input_shape=(1, 12))
+    rows = check_parity(parity_report(model, arts, x.numpy(), y))
+    assert [r["artifact"] for r in rows] == ["pytorch", "onnx", "onnx_int8", "tflite", "tflite_int8"]
+    assert rows[0]["accuracy"] > 0.5                # a model that learned something, so that accuracy parity means something
+    assert all(r["max_abs_diff"] <= 1e-4 for r in rows if r["artifact"] in ("onnx", "tflite"))
