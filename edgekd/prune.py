@@ -17,7 +17,8 @@ import torch
 from torch import nn
 import torch.nn.utils.prune as tprune
 
-from .core import ArtifactError, ConfigError, ShapeError, atomic_write, check_choice, check_number, eval_mode, num_threads, set_seed
+from .core import (ArtifactError, ConfigError, ShapeError, atomic_write, check_choice, check_number, eval_mode, num_threads,
+                         set_seed, writable_dir)
 from .learner import Callback, Learner, SchedulerCB
 
 # %% auto #0
@@ -411,7 +412,7 @@ def save_pruned(model:nn.Module, # a (structurally) pruned model
                )->Path:
     "Save `model.state_dict()` atomically, for `load_pruned`."
     buf = io.BytesIO(); torch.save(model.state_dict(), buf)
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path); writable_dir(path.parent, "folder of the pruned checkpoint")
     return atomic_write(path, buf.getvalue())
 
 # %% ../nbs/20_pruning.ipynb #c078

@@ -52,7 +52,7 @@ def lab(tmp_path_factory):
     port, token = free_port(), secrets.token_hex(16)
     home = tmp_path_factory.mktemp("jupyter-home")      # no config or runtime files in the user's home
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(home / "runtime"), JUPYTER_CONFIG_DIR=str(home / "config"),
-               JUPYTER_DATA_DIR=str(Path(sys.prefix) / "share" / "jupyter"), JUPYTER_PLATFORM_DIRS="1")
+               JUPYTER_DATA_DIR=str(home / "data"), JUPYTER_PLATFORM_DIRS="1")
     log = open(home / "lab.log", "wb")
     cmd = [jupyter(), "lab", "nbs/", "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--port-retries=0",
            f"--IdentityProvider.token={token}", "--LabApp.news_url=",

@@ -69,7 +69,7 @@ def paired_gains(runs:list, # rows of the "losses" experiment (dataset, method, 
     for (d, m), g in groups.items():
         v = [g[s] for s in sorted(g)]
         n, mu = len(v), sum(v) / len(v)
-        half = stats.t.ppf(0.975, n - 1) * math.sqrt(sum((x - mu) ** 2 for x in v) / (n - 1) / n) if n > 1 else float("nan")
+        half = float(stats.t.ppf(0.975, n - 1)) * math.sqrt(sum((x - mu) ** 2 for x in v) / (n - 1) / n) if n > 1 else float("nan")
         row = dict(dataset=d, method=m, **{f"seed {s}": round(g[s], 2) for s in sorted(g)})
         row.update({f"{split} gain": round(mu, 2), "95% CI": f"[{mu - half:+.2f}, {mu + half:+.2f}]", "ci_low": mu - half, "ci_high": mu + half})
         out.append(row)
