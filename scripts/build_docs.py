@@ -73,6 +73,11 @@ class QuartoSyntax(Preprocessor):
                 while lines and DIRECTIVE.match(lines[0].strip()):
                     k, v = DIRECTIVE.match(lines[0].strip()).groups(); opts[k] = (v or "").strip(); lines.pop(0)
                 c.source = "\n".join(lines).strip("\n")
+                if opts.get("code-fold") == "true" and c.source.strip():
+                    # Quarto folds this cell's code; MkDocs gets a collapsed admonition (pymdownx.details)
+                    body = "\n".join("    " + l for l in ("```python\n" + c.source + "\n```").splitlines())
+                    cells.append(nbformat.v4.new_markdown_cell('??? example "Show the code"\n' + body))
+                    c.source = ""
                 if opts.get("echo") == "false" or "hide" in opts or not c.source.strip():
                     c.source = ""; c.metadata.setdefault("tags", []).append("remove_input")
                 for o in c.get("outputs", []):
@@ -110,7 +115,7 @@ def mkdocs_config(nav: list, mathjax: bool) -> dict:
         "docs_dir": "docs", "use_directory_urls": False, "nav": nav,
         "theme": {"name": "material", "font": False, "features": ["navigation.sections", "content.code.copy"]},
         "markdown_extensions": ["tables", "admonition", "attr_list", "md_in_html", "toc",
-                                {"pymdownx.arithmatex": {"generic": True}}, "pymdownx.superfences",
+                                {"pymdownx.arithmatex": {"generic": True}}, "pymdownx.superfences", "pymdownx.details",
                                 {"pymdownx.highlight": {"use_pygments": True}}],
         "extra_javascript": js, "extra_css": ["css/edgekd.css"], "plugins": ["search"],
     }
