@@ -49,7 +49,8 @@ def _check_widths(widths:Sequence[int], # layer widths (hidden units or channels
 # %% ../nbs/02_models.ipynb #97ff81b9
 def _tracing()->bool:
     "True while torch.fx, torch.export/dynamo or the JIT tracer is tracing a model."
-    return torch.fx._symbolic_trace.is_fx_tracing() or torch.compiler.is_compiling() or torch.jit.is_tracing()
+    fx = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
+    return fx() or torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 def _check_input_hook(module:nn.Module, args:tuple):
     "Forward pre-hook: raise `ShapeError` if the input does not match `module.input_shape` (skipped while tracing)."
@@ -247,7 +248,7 @@ def _spec_fits(model:nn.Module)->bool:
     try: ref = get_model(spec["name"], spec["input_shape"], spec["n_classes"], **spec["kwargs"])
     except Exception: return False
     types = lambda m: [(n, type(s)) for n, s in m.named_modules()]
-    shapes = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items()]
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # by name: folding masks reorders keys
     return types(ref) == types(model) and shapes(ref) == shapes(model)
 
 # %% ../nbs/02_models.ipynb #38cbce43

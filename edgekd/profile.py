@@ -23,15 +23,29 @@ __all__ = ['count_params', 'count_nonzero', 'count_macs', 'serialized_bytes', 'm
            'profile_model', 'format_table', 'plot_tradeoff']
 
 # %% ../nbs/04_profile.ipynb #a247f1fc
-def count_params(model:nn.Module, # any PyTorch model
+def _graph_weights(model:torch.fx.GraphModule)->list:
+    "Tensors an exported graph reads as weights: its parameters, and int8/uint8 buffers (the weights of a PT2E-quantized graph)."
+    out, seen = [], set()
+    for node in model.graph.nodes:
+        if node.op != "get_attr": continue
+        t = model
+        for part in node.target.split("."): t = getattr(t, part, None)
+        if not torch.is_tensor(t) or id(t) in seen: continue
+        seen.add(id(t))
+        if isinstance(t, nn.Parameter) or t.dtype in (torch.int8, torch.uint8): out.append(t)
+    return out
+
+def count_params(model:nn.Module, # any PyTorch model, or an exported (possibly quantized) graph
                 )->int:
     "Number of parameters (entries of every weight and bias; buffers such as BatchNorm running stats excluded)."
+    if is_exported(model): return sum(t.numel() for t in _graph_weights(model))
     return sum(p.numel() for p in model.parameters())
 
 # %% ../nbs/04_profile.ipynb #f275a64f
-def count_nonzero(model:nn.Module, # any PyTorch model, possibly pruned with `torch.nn.utils.prune`
+def count_nonzero(model:nn.Module, # any PyTorch model, possibly pruned with `torch.nn.utils.prune`, or an exported graph
                  )->int:
     "Number of nonzero parameter entries (for `torch.nn.utils.prune` reparametrizations, of `orig * mask`)."
+    if is_exported(model): return sum(int(torch.count_nonzero(t.detach())) for t in _graph_weights(model))
     n, seen = 0, set()
     for mod in model.modules():
         for pname, p in mod.named_parameters(recurse=False):
