@@ -28,12 +28,13 @@ from .kd import DistillationCB
 from .profile import benchmark_latency, format_table, plot_tradeoff, profile_model, time_calls
 
 # %% auto #0
-__all__ = ['TRANSFER_N', 'TRANSFER_EPOCHS', 'DATASET_DEFAULTS', 'STAGES', 'COMPRESSION', 'option', 'loss_names', 'RunConfig',
-           'Stage', 'register_stage', 'list_stages', 'Run', 'check_model_fits', 'record_model', 'train_and_record',
-           'build_model', 'stage_teacher', 'stage_student', 'distill_callbacks', 'transfer_loader', 'stage_distill',
-           'compression_fn', 'stage_prune', 'stage_lowrank', 'stage_quantize', 'stage_export', 'stage_arm',
-           'plan_stages', 'resolve_config', 'kd_summary', 'final_summary', 'seeds_summary', 'repeat_seeds',
-           'render_markdown', 'headline', 'write_report', 'run_pipeline']
+__all__ = ['TRANSFER_N', 'TRANSFER_EPOCHS', 'DATASET_DEFAULTS', 'STAGES', 'ENERGY_PJ_45NM', 'COMPRESSION', 'RECIPE_OPTIONS',
+           'option', 'loss_names', 'RunConfig', 'Stage', 'register_stage', 'list_stages', 'Run', 'check_model_fits',
+           'macro_f1', 'energy_estimate', 'record_model', 'train_and_record', 'build_model', 'stage_teacher',
+           'stage_student', 'distill_callbacks', 'transfer_loader', 'stage_distill', 'compression_fn', 'stage_prune',
+           'stage_lowrank', 'stage_quantize', 'stage_export', 'stage_arm', 'plan_stages', 'load_recipe',
+           'resolve_config', 'kd_summary', 'final_summary', 'seeds_summary', 'repeat_seeds', 'render_markdown',
+           'headline', 'stagger_labels', 'pareto_front', 'plot_pareto', 'write_report', 'run_pipeline']
 
 # %% ../nbs/60_pipeline.ipynb #691ad4af
 def option(default=None, # default value; a list or dict is copied for each new config
@@ -84,6 +85,7 @@ class RunConfig:
                                 "learns the teacher's soft targets on the training inputs plus these; default: the dataset's")
     temperature: float = option(4.0, "distillation temperature T of the kd loss")
     alpha: float = option(0.9, "weight of the soft-target term of the kd loss, in [0, 1] (with a transfer set: 1, there are no labels)")
+    recipe: str|None = option(None, "a TOML or JSON recipe file: the stages in order, with their options (see the pipeline chapter)")
     stages: list[str]|None = option(None, "stages to run, in order; default: teacher student distill, then the "
                                     "compression stages asked for, export and arm", choices=lambda: list_stages())
     prune: float|None = option(None, "prune the current model to this sparsity in (0, 1) (edgekd.prune.prune_finetune)")
@@ -189,6 +191,39 @@ def check_model_fits(model:nn.Module, # a model to train on `dls`, eager or expo
         raise ShapeError(f"{name} outputs shape {got} per sample, but dataset {dls.name!r} has {dls.n_classes} classes")
     return model
 
+# %% ../nbs/60_pipeline.ipynb #c483597e
+def macro_f1(preds:torch.Tensor, # predicted class indices, shape (n,)
+             targets:torch.Tensor, # true class indices, shape (n,)
+            )->float:
+    "Macro-averaged F1 over the classes present in `targets` or `preds` (F1 = 2TP / (2TP + FP + FN))."
+    preds, targets = torch.as_tensor(preds).long().flatten(), torch.as_tensor(targets).long().flatten()
+    if preds.shape != targets.shape or preds.numel() == 0:
+        raise ShapeError(f"macro_f1 needs two equal-length, non-empty label vectors, got {tuple(preds.shape)} and {tuple(targets.shape)}")
+    n = int(max(preds.max(), targets.max())) + 1
+    tp = torch.bincount(targets[preds == targets], minlength=n).double()
+    fp = torch.bincount(preds, minlength=n).double() - tp
+    fn = torch.bincount(targets, minlength=n).double() - tp
+    present = (tp + fp + fn) > 0
+    return float((2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])).mean())
+
+# %% ../nbs/60_pipeline.ipynb #0c92ec1b
+ENERGY_PJ_45NM = dict(  # energy per operation in pJ, 45 nm, 0.9 V (Horowitz, ISSCC 2014; as used by Han et al., 2016)
+    fp32_mult=3.7, fp32_add=0.9, int8_mult=0.2, int8_add=0.03, sram_read_32b=5.0, dram_read_32b=640.0)
+
+# %% ../nbs/60_pipeline.ipynb #b59ba917
+def energy_estimate(macs:int, # multiply-accumulates per inference
+                    weights:int, # stored (nonzero) weight values, each read once from DRAM per inference
+                    int8:bool=False, # int8 arithmetic and 8-bit weights and activations instead of fp32
+                    table:dict|None=None, # energies in pJ (default `ENERGY_PJ_45NM`)
+                   )->dict:
+    "Estimated energy per inference: arithmetic, SRAM activation reads and DRAM weight reads, in pJ, and their total in uJ."
+    check_number(macs, "macs", lo=0); check_number(weights, "weights", lo=0)
+    e, word = table or ENERGY_PJ_45NM, 0.25 if int8 else 1.0   # fraction of a 32-bit word per value
+    arith = macs * ((e["int8_mult"] + e["int8_add"]) if int8 else (e["fp32_mult"] + e["fp32_add"]))
+    sram = macs * word * e["sram_read_32b"]
+    dram = weights * word * e["dram_read_32b"]
+    return dict(arithmetic_pj=arith, sram_pj=sram, dram_pj=dram, total_uj=(arith + sram + dram) / 1e6)
+
 # %% ../nbs/60_pipeline.ipynb #982bc064
 def _learner(run:Run, model:nn.Module, cbs:list=(), progress:bool=False)->Learner:
     "A `Learner` for `model` on the run's data and device, with a one-cycle schedule."
@@ -198,6 +233,7 @@ def _learner(run:Run, model:nn.Module, cbs:list=(), progress:bool=False)->Learne
 def record_model(run:Run, # the pipeline's state
                  name:str, # row name, also the model file's name
                  model:nn.Module, # a trained model
+                 int8:bool=False, # the model runs int8 arithmetic (priced so by `energy_estimate`)
                 )->nn.Module:
     "Evaluate `model` on valid and test, profile it, save it to `weights/`, and make it the run's current model."
     cfg = run.cfg
@@ -206,12 +242,18 @@ def record_model(run:Run, # the pipeline's state
     learn = Learner(model, run.dls, progress=False, device="cpu")
     acc = {f"{s}_accuracy": learn.evaluate(dl)["accuracy"]
            for s, dl in (("valid", getattr(run.dls, "valid", None)), ("test", run.dls.test)) if dl is not None}
+    logits, targets = learn.get_preds(run.dls.test)
+    acc["test_macro_f1"] = macro_f1(logits.argmax(1), targets)
     prof = profile_model(model, run.dls.input_shape, name=name, threads=cfg.threads)
-    row = dict(name=name, **acc, **{k: v for k, v in prof.items() if k not in ("name", "accuracy")})
+    row = dict(name=name, **acc)
+    for k, v in prof.items():
+        if k in ("name", "accuracy"): continue
+        row[k] = v
+        if k == "compressed_bytes": row["energy_uj_est"] = energy_estimate(prof["macs"], prof["nonzero"], int8=int8)["total_uj"]
     path = save_model(model, run.dir/"weights"/f"{name}.pt", example_input=torch.zeros(2, *run.dls.input_shape))
     run.rows = [r for r in run.rows if r["name"] != name] + [row]
     run.models[name], run.files[name], run.current = model, str(path.relative_to(run.dir)), name
-    shown = ", ".join(f"{k.split('_')[0]} accuracy {v:.4f}" for k, v in acc.items())
+    shown = ", ".join(f"{k.split('_')[0]} accuracy {v:.4f}" for k, v in acc.items() if k.endswith("_accuracy"))
     run.log(f"{name}: {shown}, {row['params']:,} parameters, {row['nonzero']:,} nonzero, {row['macs']:,} MACs")
     return model
 
@@ -318,7 +360,7 @@ def _compress(run:Run, stage:str):
     model = compression_fn(stage)(copy.deepcopy(run.current_model), run.dls, getattr(cfg, opt), **kw)
     if not isinstance(model, nn.Module):
         raise ArtifactError(f"{stage} stage: {COMPRESSION[stage][2]} returned {type(model).__name__}, not a torch.nn.Module")
-    record_model(run, out, check_model_fits(model, run.dls, f"the {stage} stage's model"))
+    record_model(run, out, check_model_fits(model, run.dls, f"the {stage} stage's model"), int8=stage == "quantize")
     run.current_row["from"] = src
 
 # %% ../nbs/60_pipeline.ipynb #b7f4ddc2
@@ -348,7 +390,10 @@ def stage_export(run:Run):
     "Export the current model, write `bundle/`, and check every artifact against PyTorch on the test set."
     from edgekd.export import check_parity, dataset_arrays, load_bundle, load_runtime, parity_report, write_bundle
     cfg, name, model = run.cfg, run.current, run.current_model
-    bundle = write_bundle(model, run.dls, run.dir/"bundle", name=f"{cfg.dataset}-{name}", seed=cfg.seed)
+    try: from edgekd.export.converters import plan_artifacts   # the artifact kinds that fit this model (float or PT2E)
+    except ImportError: arts = None
+    else: arts = plan_artifacts(model)[0]
+    bundle = write_bundle(model, run.dls, run.dir/"bundle", name=f"{cfg.dataset}-{name}", artifacts=arts, seed=cfg.seed)
     meta = load_bundle(bundle)
     paths = {k: bundle/f for k, f in meta["artifacts"].items()}
     x, y = dataset_arrays(run.dls, "test")
@@ -402,9 +447,51 @@ def plan_stages(cfg:RunConfig, # a config (resolved or not)
             raise ConfigError(f"stage {n!r} needs a setting: give --{COMPRESSION[n][0]} (RunConfig.{COMPRESSION[n][0]})")
     return names
 
+# %% ../nbs/60_pipeline.ipynb #fd4cfdea
+RECIPE_OPTIONS = {  # stage -> {recipe key: RunConfig field}
+    "prune": {"sparsity": "prune", "method": "prune_method"},
+    "lowrank": {"rank": "lowrank"},
+    "quantize": {"mode": "quantize"},
+}
+
+# %% ../nbs/60_pipeline.ipynb #6627878b
+def load_recipe(path:str|Path, # a .toml or .json recipe file
+               )->dict:
+    "`RunConfig` overrides (`stages` and stage options) read from a recipe file; `ConfigError` in one line on any mistake."
+    import tomllib
+    p = Path(path)
+    if p.suffix.lower() not in (".toml", ".json"): raise ConfigError(f"recipe {str(p)!r}: the file name must end in .toml or .json")
+    if not p.is_file(): raise ConfigError(f"recipe {str(p)!r}: no such file")
+    try: data = tomllib.loads(p.read_text()) if p.suffix.lower() == ".toml" else json.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"recipe {str(p)!r}: not valid {p.suffix[1:].upper()}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or set(data) != {"stages"}:
+        got = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ConfigError(f"recipe {str(p)!r}: needs exactly one top-level key 'stages' (a list of tables), got {got}")
+    if not isinstance(data["stages"], list) or not data["stages"]:
+        raise ConfigError(f"recipe {str(p)!r}: 'stages' must be a non-empty list of tables like {{name = \"teacher\"}}")
+    out, names = {}, []
+    for k, st in enumerate(data["stages"], 1):
+        if not isinstance(st, dict) or not isinstance(st.get("name"), str):
+            raise ConfigError(f"recipe {str(p)!r}: stage {k} must be a table with a 'name', got {st!r}")
+        name = st["name"]
+        if name not in STAGES: raise ConfigError(f"recipe {str(p)!r}: unknown stage {name!r}; choose one of: {', '.join(STAGES)}")
+        allowed = RECIPE_OPTIONS.get(name, {})
+        for key, val in st.items():
+            if key == "name": continue
+            if key not in allowed:
+                raise ConfigError(f"recipe {str(p)!r}: stage {name!r} has no option {key!r}; allowed: {', '.join(allowed) or 'none'}")
+            out[allowed[key]] = val
+        names.append(name)
+    return dict(out, stages=names)
+
 # %% ../nbs/60_pipeline.ipynb #a3847b97
 def resolve_config(cfg:RunConfig)->RunConfig:
     "Return a copy of `cfg` with dataset defaults filled in; raise `ConfigError` on a bad value."
+    if cfg.recipe is not None:
+        r = load_recipe(cfg.recipe)
+        if cfg.stages is not None and list(cfg.stages) != r["stages"]: raise ConfigError("give stages or a recipe file, not both")
+        cfg = dataclasses.replace(cfg, **r)
     check_choice(cfg.dataset, "dataset", list_datasets())
     check_choice(cfg.teacher, "teacher model", list_models())
     check_choice(cfg.student, "student model", list_models())
@@ -462,6 +549,7 @@ def final_summary(rows:list, # results rows with 'name', 'test_accuracy' and 'by
         t = by["teacher"]
         out.update(compression=t["bytes"] / by[final]["bytes"],
                    accuracy_change=100 * (by[final]["test_accuracy"] - t["test_accuracy"]))
+        if t.get("energy_uj_est") and by[final].get("energy_uj_est"): out["energy_ratio"] = t["energy_uj_est"] / by[final]["energy_uj_est"]
     return out
 
 # %% ../nbs/60_pipeline.ipynb #eb3d734b
@@ -498,7 +586,12 @@ def render_markdown(report:dict)->str:
              f"alpha = {cfg['alpha']}, latency at batch 1 on {cfg['threads']} thread(s). Stages: {' -> '.join(report['stages'])}.", "",
              "Accuracy on the validation split (used for every choice: early stopping, checkpoints) and on the test "
              "split (the result). One row per model, in the order the stages made them.", "",
-             format_table(report["rows"]), ""]
+             format_table(report["rows"]), "",
+             "test_macro_f1: macro-averaged F1 on test. latency_ms / latency_p90_ms: median and 90th percentile over repeated "
+             "batch-1 calls. energy_uj_est: an ESTIMATE of energy per inference in microjoules, priced with the 45 nm table of "
+             "Horowitz (ISSCC 2014) as Han et al. (2016) use it: fp32 MAC 3.7 + 0.9 pJ, int8 MAC 0.2 + 0.03 pJ, one SRAM "
+             "activation read per MAC (5 pJ per 32-bit word), every nonzero weight read once from DRAM per inference "
+             "(640 pJ per 32-bit word); quantized models priced as int8 with 4x fewer bytes. Not a measurement.", ""]
     if kd:
         rec = "n/a (the student is not behind the teacher)" if kd["gap_recovered"] is None else f"{kd['gap_recovered']:.0%}"
         lines += [f"Distillation changed the student's test accuracy by {100 * kd['kd_gain']:+.2f} points "
@@ -513,7 +606,8 @@ def render_markdown(report:dict)->str:
                   f"{100 * sd['student_std']:.2f}%, distilled {100 * sd['student_kd_mean']:.2f} ± {100 * sd['student_kd_std']:.2f}%.", ""]
     if "compression" in fin:
         lines += [f"Final model `{fin['model']}`: {fin['compression']:.1f}x fewer bytes than the teacher (PyTorch files), "
-                  f"test accuracy {fin['accuracy_change']:+.2f} points against the teacher.", ""]
+                  f"test accuracy {fin['accuracy_change']:+.2f} points against the teacher"
+                  + (f", estimated energy per inference {fin['energy_ratio']:.1f}x lower." if fin.get("energy_ratio") else "."), ""]
     if report.get("export"):
         cols = ["artifact", "accuracy", "accuracy_change", "max_abs_diff", "bytes", "latency_ms", "latency_p90_ms"]
         lines += [f"Deploy bundle `bundle/` ({report['export'][0]['model']}): every artifact checked against PyTorch on "
@@ -539,6 +633,57 @@ def headline(report:dict, # a pipeline report
     if arm: out.append("ARM check skipped" if "skipped" in arm else f"ARM check {'passed' if arm['passed'] else 'FAILED'}")
     return out
 
+# %% ../nbs/60_pipeline.ipynb #a535385d
+def stagger_labels(xs:Sequence[float], # x positions (log scale: closeness is measured in decades)
+                   ys:Sequence[float], # y positions of the points
+                   sep:float, # smallest vertical distance between two labels of nearby points, in y units
+                   close:float=0.15, # points within this many decades in x are nearby
+                  )->list:
+    "Label y positions: a point's own y, pushed up just enough to keep `sep` from the labels of nearby points below it."
+    import math
+    order = sorted(range(len(ys)), key=lambda i: (ys[i], i))
+    pos = {}
+    for i in order:
+        y = ys[i]
+        for j in sorted(pos, key=pos.get):   # labels placed so far, lowest first
+            if abs(math.log10(xs[i]) - math.log10(xs[j])) < close and abs(y - pos[j]) < sep: y = pos[j] + sep
+        pos[i] = y
+    return [pos[i] for i in range(len(ys))]
+
+# %% ../nbs/60_pipeline.ipynb #2a0f5828
+def pareto_front(xs:Sequence[float], # cost of each model (smaller is better)
+                 ys:Sequence[float], # accuracy of each model (larger is better)
+                )->list:
+    "Indices of the models no other model beats on both axes (no lower-or-equal cost with higher accuracy), by cost."
+    idx = sorted(range(len(xs)), key=lambda i: (xs[i], -ys[i]))
+    front, best = [], float("-inf")
+    for i in idx:
+        if ys[i] > best: front.append(i); best = ys[i]
+    return front
+
+# %% ../nbs/60_pipeline.ipynb #3f9651fe
+def plot_pareto(rows:Sequence[dict], # results rows with 'name', 'test_accuracy', 'compressed_bytes' and 'macs'
+               ):
+    "Test accuracy against compressed bytes and against MACs (log x), Pareto front joined, labels staggered; returns the Figure."
+    from matplotlib.figure import Figure
+    names, ys = [r["name"] for r in rows], [100 * r["test_accuracy"] for r in rows]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    sep = max(3.0, (max(ys) - min(ys)) * 0.07)
+    for ax, col, label in zip(fig.subplots(1, 2), ("compressed_bytes", "macs"), ("compressed bytes (log)", "MACs per inference (log)")):
+        xs = [max(float(r[col]), 1.0) for r in rows]
+        front = pareto_front(xs, ys)
+        ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="C1", alpha=0.6, label="Pareto front")
+        ax.scatter(xs, ys, s=40, zorder=3)
+        for i, (x, y, ly) in enumerate(zip(xs, ys, stagger_labels(xs, ys, sep))):
+            ax.annotate(names[i], (x, y), xytext=(x * 1.25, ly), fontsize=9, va="bottom",
+                        arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if ly != y else None)
+        ax.set_xscale("log"); ax.set_xlabel(label); ax.set_ylabel("test accuracy (%)"); ax.grid(alpha=0.3, which="both")
+        lo, hi = min(xs), max(xs); ax.set_xlim(lo / 2, hi * 6)
+        ax.set_ylim(min(ys) - sep, max(stagger_labels(xs, ys, sep)) + sep)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle("Accuracy against size and compute, one point per model of the run")
+    return fig
+
 # %% ../nbs/60_pipeline.ipynb #121e42a1
 def write_report(run:Run, # the finished run
                  wall_seconds:float, # total wall time so far
@@ -552,7 +697,7 @@ def write_report(run:Run, # the finished run
     atomic_write(run.dir/"report.json", json.dumps(report, indent=2, default=str))
     atomic_write(run.dir/"report.md", render_markdown(report))
     if run.rows:
-        fig = plot_tradeoff(run.rows, x="latency_ms", y="test_accuracy", size="params")
+        fig = plot_pareto(run.rows)
         fig.savefig(run.dir/"tradeoff.png", dpi=120, bbox_inches="tight")
     return report
 

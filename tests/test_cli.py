@@ -78,6 +78,55 @@ def test_models_load_safely_and_rebuild(short_run):
     assert sum(p.numel() for p in m.parameters()) == teacher["params"]
 
 
+def test_report_rows_have_macro_f1_energy_and_latency_spread(short_run):
+    import torch
+    from sklearn.metrics import f1_score
+    import edgekd.models as models
+    from edgekd.data import get_loaders
+    from edgekd.pipeline import energy_estimate
+    out, _ = short_run
+    report = json.loads((out / "report.json").read_text())
+    dls = get_loaders("digits")
+    x, y = map(torch.cat, zip(*[(b[0], b[1]) for b in dls.test]))
+    for row in report["rows"]:
+        m = models.load_model(out / "weights" / f"{row['name']}.pt").eval()
+        with torch.no_grad(): pred = m(x).argmax(1)
+        assert abs(row["test_macro_f1"] - f1_score(y.numpy(), pred.numpy(), average="macro")) < 1e-12
+        assert row["energy_uj_est"] == energy_estimate(row["macs"], row["nonzero"])["total_uj"]
+        assert abs(row["energy_uj_est"] - (row["macs"] * (3.7 + 0.9 + 5.0) + row["nonzero"] * 640.0) / 1e6) < 1e-9
+        assert 0 < row["latency_ms"] <= row["latency_p90_ms"]
+        assert row["compressed_bytes"] <= row["bytes"]
+    fin, rows = report["final"], {r["name"]: r for r in report["rows"]}
+    assert fin["energy_ratio"] == rows["teacher"]["energy_uj_est"] / rows["student_kd"]["energy_uj_est"]
+    md = (out / "report.md").read_text()
+    assert "energy_uj_est: an ESTIMATE" in md and "Horowitz (ISSCC 2014)" in md and "Han et al. (2016)" in md
+
+
+def test_recipe_file_picks_the_stages(tmp_path):
+    (tmp_path / "r.toml").write_text('stages = [{name = "teacher"}, {name = "student"}]')
+    r = edgekd("run", "--dataset", "digits", "--epochs", "1", "--recipe", str(tmp_path / "r.toml"), "--out", str(tmp_path / "run"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["stages"] == ["teacher", "student"] and report["final"]["model"] == "student"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('stages = [{name = "teacher"}, {name = "sharpen"}]', "unknown stage 'sharpen'; choose one of"),
+    ('stages = [{name = "student"}, {name = "quantize", mode = "ptq"}, {name = "prune", sparsity = 0.5}]',
+     "stage 'prune' cannot come after 'quantize'"),
+    ('stages = [{name = "prune", amount = 0.5}]', "stage 'prune' has no option 'amount'; allowed: sparsity, method"),
+    ('stages = [{name = "teacher"', "not valid TOML"),
+    (None, "no such file"),
+])
+def test_bad_recipe_is_one_line(tmp_path, text, message):
+    if text is not None: (tmp_path / "r.toml").write_text(text)
+    r = edgekd("run", "--recipe", str(tmp_path / "r.toml"), "--out", str(tmp_path / "run"))
+    err = r.stderr.strip()
+    assert r.returncode == 2 and "\n" not in err and err.startswith("edgekd: error: "), err
+    assert message in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_same_seed_same_numbers(short_run, tmp_path):
     out, _ = short_run
     r = edgekd("run", "--dataset", "digits", "--epochs", "5", "--out", str(tmp_path / "again"), "--quiet", "--no-export")
