@@ -388,12 +388,11 @@ def stage_quantize(run:Run):
 @register_stage("export", needs=("teacher", "student", "distill", "prune", "lowrank", "quantize"))
 def stage_export(run:Run):
     "Export the current model, write `bundle/`, and check every artifact against PyTorch on the test set."
-    from edgekd.export import check_parity, dataset_arrays, load_bundle, load_runtime, parity_report, write_bundle
+    from edgekd.export import check_parity, dataset_arrays, is_pt2e_quantized, load_bundle, load_runtime, parity_report, write_bundle
     cfg, name, model = run.cfg, run.current, run.current_model
-    try: from edgekd.export.converters import plan_artifacts   # the artifact kinds that fit this model (float or PT2E)
-    except ImportError: arts = None
-    else: arts = plan_artifacts(model)[0]
-    bundle = write_bundle(model, run.dls, run.dir/"bundle", name=f"{cfg.dataset}-{name}", artifacts=arts, seed=cfg.seed)
+    # a PT2E-quantized model ships as ONNX QDQ, and as TFLite int8 re-quantized from the float model it came from
+    float_model = run.models.get(run.current_row.get("from")) if is_pt2e_quantized(model) else None
+    bundle = write_bundle(model, run.dls, run.dir/"bundle", name=f"{cfg.dataset}-{name}", seed=cfg.seed, float_model=float_model)
     meta = load_bundle(bundle)
     paths = {k: bundle/f for k, f in meta["artifacts"].items()}
     x, y = dataset_arrays(run.dls, "test")

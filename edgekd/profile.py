@@ -103,8 +103,16 @@ def count_macs(model:nn.Module, # eager model or exported graph
 
 # %% ../nbs/04_profile.ipynb #62329742
 def _effective_state(model:nn.Module)->dict:
-    "The tensors that would ship: the state_dict with `torch.nn.utils.prune` masks folded into the weights."
-    if is_exported(model) or not any(k.endswith("_mask") for k in model.state_dict()): return model.state_dict()
+    "The tensors that would ship: the state_dict with `torch.nn.utils.prune` masks folded in; for a graph, the tensors it reads."
+    if is_exported(model):   # a PT2E-converted graph still holds float originals it no longer reads
+        out = {}
+        for node in model.graph.nodes:
+            if node.op != "get_attr": continue
+            t = model
+            for part in node.target.split("."): t = getattr(t, part, None)
+            if torch.is_tensor(t): out[node.target] = t
+        return out
+    if not any(k.endswith("_mask") for k in model.state_dict()): return model.state_dict()
     return fold_masks(copy_model(model)).state_dict()
 
 def serialized_bytes(model:nn.Module, # model whose `state_dict` is measured (prune masks are folded first)

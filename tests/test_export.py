@@ -82,7 +82,7 @@ def test_predictor_parses_as_python_3_9_and_imports_only_numpy_and_runtimes():
 
 
 def test_predictor_lints_clean():
-    pyflakes = pytest.importorskip("pyflakes.api")
+    from pyflakes import api as pyflakes
     from pyflakes.reporter import Reporter
     import io
     out, err = io.StringIO(), io.StringIO()
@@ -194,3 +194,102 @@ def test_exported_and_replaced_models_export_with_parity(kind, tmp_path):
     assert [r["artifact"] for r in rows] == ["pytorch", "onnx", "onnx_int8", "tflite", "tflite_int8"]
     assert rows[0]["accuracy"] > 0.5                # a model that learned something, so that accuracy parity means something
     assert all(r["max_abs_diff"] <= 1e-4 for r in rows if r["artifact"] in ("onnx", "tflite"))
+
+
+# ----------------------------------------------------------------------------- PT2E-quantized models
+
+def _pt2e(model, x, qat=False):
+    """`model` quantized by torchao's X86 quantizer: PTQ calibrated on `x`, or QAT fine-tuned a few steps on `x`."""
+    import copy
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    qz = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=qat))
+    m = copy.deepcopy(model).train(qat)
+    g = torch.export.export(m, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)).module()
+    if qat:
+        g = prepare_qat_pt2e(g, qz)
+        _, y = _data()
+        opt = torch.optim.SGD(g.parameters(), lr=1e-3)
+        for _ in range(5):
+            opt.zero_grad(); nn.functional.cross_entropy(g(x), torch.from_numpy(y)).backward(); opt.step()
+        move_exported_model_to_eval(g)
+    else:
+        g = prepare_pt2e(g, qz)
+        with torch.no_grad(): g(x)
+    return convert_pt2e(g)
+
+
+def _agreement(a, b):
+    return float((a.argmax(1) == b.argmax(1)).mean())
+
+
+@pytest.fixture(scope="module")
+def pt2e_bundle(tmp_path_factory):
+    model, x, y = _trained()
+    q = _pt2e(model, x)
+    data = dict(input_shape=(1, 12), classes=list("abcde"), sample_inputs=x[:8].numpy(), sample_labels=y[:8], calibration=x.numpy())
+    return model, q, x, y, write_bundle(q, data, tmp_path_factory.mktemp("pt2e") / "b", float_model=model)
+
+
+def test_pt2e_ptq_bundle_has_qdq_onnx_and_litert_int8_with_parity(pt2e_bundle):
+    import onnx
+    from edgekd.export import litert_quantize, predict, torch_logits
+    model, q, x, y = pt2e_bundle[:4]
+    meta = load_bundle(pt2e_bundle[4])
+    assert meta["artifacts"] == {"onnx_qdq": "model_qdq.onnx", "tflite_pt2e_int8": "model_pt2e_int8.tflite"}
+    assert meta["skipped"] == {}
+    assert all(r["ok"] for r in verify_bundle(pt2e_bundle[4]))
+    ops = {n.op_type for n in onnx.load(str(pt2e_bundle[4] / "model_qdq.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    xn = x.numpy()
+    ref_q, ref_fp = torch_logits(q, xn), torch_logits(model, xn)
+    onnx_out = predict(pt2e_bundle[4] / "model_qdq.onnx", xn)
+    tfl_out = predict(pt2e_bundle[4] / "model_pt2e_int8.tflite", xn)
+    twin = torch_logits(litert_quantize(model, xn, (1, 12)), xn)    # the PyTorch graph the .tflite file was converted from
+    assert _agreement(onnx_out, ref_q) >= 0.99
+    assert _agreement(tfl_out, twin) >= 0.99
+    for out in (onnx_out, tfl_out):
+        assert abs(float((out.argmax(1) == y).mean()) - float((ref_fp.argmax(1) == y).mean())) <= 0.01
+    check_parity(parity_report(q, {k: pt2e_bundle[4] / f for k, f in meta["artifacts"].items()}, xn, y))
+
+
+def test_pt2e_bundle_without_float_model_skips_tflite_with_the_reason(pt2e_bundle, tmp_path):
+    model, q, x, y = pt2e_bundle[:4]
+    data = dict(input_shape=(1, 12), classes=list("abcde"), sample_inputs=x[:8].numpy(), calibration=x.numpy())
+    b = write_bundle(q, data, tmp_path / "b")
+    meta = load_bundle(b)
+    assert list(meta["artifacts"]) == ["onnx_qdq"]
+    assert "stablehlo.uniform_dequantize" in meta["skipped"]["tflite_pt2e_int8"]
+    assert "Not included: `tflite_pt2e_int8`" in (b / "README.md").read_text()
+    assert all(r["ok"] for r in verify_bundle(b))
+
+
+def test_pt2e_qat_model_exports_with_parity(tmp_path):
+    from edgekd.export import is_pt2e_quantized, predict, torch_logits
+    model, x, y = _trained()
+    q = _pt2e(model, x, qat=True)
+    assert is_pt2e_quantized(q) and not is_pt2e_quantized(model)
+    arts = export_all(q, tmp_path, x.numpy(), float_model=model)
+    assert list(arts) == ["onnx_qdq", "tflite_pt2e_int8"]
+    rows = check_parity(parity_report(q, arts, x.numpy(), y))
+    assert [r["artifact"] for r in rows] == ["pytorch", "onnx_qdq", "tflite_pt2e_int8"]
+    assert _agreement(predict(arts["onnx_qdq"], x.numpy()), torch_logits(q, x.numpy())) >= 0.99
+
+
+def test_pt2e_kinds_refuse_the_wrong_model_with_the_reason(pt2e_bundle, tmp_path):
+    from edgekd.export import export_tflite, export_tflite_pt2e, plan_artifacts
+    model, q, x, y = pt2e_bundle[:4]
+    assert plan_artifacts(model) == (["onnx", "onnx_int8", "tflite", "tflite_fp16", "tflite_int8"], {})
+    assert plan_artifacts(q)[0] == ["onnx_qdq"]
+    with pytest.raises(ConfigError, match="onnx_qdq needs a PT2E-quantized graph"):
+        export_all(model, tmp_path, x.numpy(), artifacts=["onnx_qdq"])
+    with pytest.raises(ConfigError, match="onnx is made from a float model"):
+        export_all(q, tmp_path, x.numpy(), artifacts=["onnx"])
+    with pytest.raises(ConfigError, match="uniform_dequantize"):
+        export_tflite(q, out=tmp_path / "x.tflite")
+    with pytest.raises(ConfigError, match="PT2E-quantized graph to TFLite int8"):
+        export_tflite_pt2e(q, x.numpy(), tmp_path / "x.tflite")
+    with pytest.raises(ConfigError, match="float_model must be the float model"):
+        plan_artifacts(q, float_model=q)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []          # nothing half-written

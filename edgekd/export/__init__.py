@@ -11,7 +11,8 @@ import importlib
 # %% ../../nbs/56_export_api.ipynb #2d0b0d9a
 _API = {name: module for module, names in {
     "converters": ["ArtifactKind", "ARTIFACTS", "register_artifact", "dataset_arrays", "calibration_samples", "export_onnx",
-                   "onnx_opset", "quantize_onnx_int8", "quantize_tflite", "export_tflite", "export_all", "torch_logits",
+                   "onnx_opset", "quantize_onnx_int8", "quantize_tflite", "export_tflite", "is_pt2e_quantized",
+                   "litert_quantize", "export_tflite_pt2e", "plan_artifacts", "export_all", "torch_logits",
                    "parity_report", "PARITY_ATOL", "PARITY_POINTS", "check_parity"],
     "runtimes": ["MissingPackageError", "Runtime", "OnnxRuntime", "TFLiteRuntime", "RUNTIMES", "load_runtime", "predict"],
     "bundle": ["PREPROCESSING", "BUNDLE_FORMAT", "BUNDLE_VERSION", "write_bundle", "load_bundle", "run_predict", "verify_bundle",

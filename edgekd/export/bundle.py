@@ -20,7 +20,7 @@ import edgekd
 from ..core import ArtifactError, ConfigError, accuracy, atomic_dir, atomic_write, check_choice, check_number
 from . import predictor
 from .converters import (ARTIFACTS, PARITY_ATOL, _sample_shape, calibration_samples, dataset_arrays, export_all,
-                                      onnx_opset, torch_logits)
+                                      onnx_opset, plan_artifacts, torch_logits)
 from .runtimes import _as_inputs, _first_line, load_runtime
 
 # %% auto #0
@@ -114,16 +114,17 @@ def write_bundle(model, # the trained PyTorch model or exported graph
                        # input_shape, classes, sample_inputs and optionally calibration, sample_labels, dataset, preprocessing
                  out:str|os.PathLike, # the bundle folder (replaced atomically)
                  name:str|None=None, # model name for metadata and README (None: the class name)
-                 artifacts:Iterable[str]|None=None, # keys of `ARTIFACTS` to include (None: all)
+                 artifacts:Iterable[str]|None=None, # keys of `ARTIFACTS` to include (None: every kind that fits `model`, see `plan_artifacts`)
                  n_samples:int=8, # real test inputs stored as sample_inputs.npy
                  n_calib:int=256, # real training inputs used to calibrate the int8 artifacts
                  opset:int|None=None, # ONNX opset (None: the exporter's default)
                  preprocessing:dict|None=None, # how raw data becomes the input (None: known for digits/mnist1d)
                  seed:int=0, # seed of the calibration subset
+                 float_model=None, # for a PT2E-quantized `model`: the float model it came from (TFLite int8 is quantized again from it)
                 )->Path:
     "Export `model` to the requested kinds of artifact and write a self-checking deploy bundle (layout: see above) to `out`."
-    keys = list(ARTIFACTS) if artifacts is None else [check_choice(k, "artifact", ARTIFACTS) for k in dict.fromkeys(artifacts)]
-    if not keys: raise ConfigError("artifacts must name at least one of: " + ", ".join(ARTIFACTS))
+    keys, skipped = plan_artifacts(model, artifacts, float_model)  # kinds that cannot be made from `model`: skipped, with the reason
+    if not keys: raise ConfigError("no requested kind of artifact can be made: " + "; ".join(f"{k}: {r}" for k, r in skipped.items()))
     check_number(n_samples, "n_samples", lo=1, integer=True); check_number(n_calib, "n_calib", lo=1, integer=True)
     d = _bundle_inputs(data, model, n_samples, n_calib, seed)
     need = [k for k in keys if ARTIFACTS[k].calibrated]
@@ -133,7 +134,7 @@ def write_bundle(model, # the trained PyTorch model or exported graph
     prep = preprocessing or d.get("preprocessing") or PREPROCESSING.get(d["dataset"]) or \
         {"description": "inputs exactly as produced by the training DataLoader"}
     with atomic_dir(out) as tmp:
-        paths = export_all(model, tmp, d["calibration"], keys, d["input_shape"], opset)
+        paths = export_all(model, tmp, d["calibration"], keys, d["input_shape"], opset, float_model=float_model)
         x = d["sample_inputs"]; ref = torch_logits(model, x)
         np.save(tmp/"sample_inputs.npy", x)
         reference, tolerance, info = {"inputs": "sample_inputs.npy"}, {}, {}
@@ -150,7 +151,7 @@ def write_bundle(model, # the trained PyTorch model or exported graph
         meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "name": name, "dataset": d["dataset"],
                 "input_shape": list(d["input_shape"]), "input_dtype": "float32", "n_classes": int(ref.shape[1]),
                 "classes": [str(c) for c in d["classes"]], "preprocessing": prep,
-                "artifacts": {k: p.name for k, p in paths.items()}, "artifact_info": info,
+                "artifacts": {k: p.name for k, p in paths.items()}, "artifact_info": info, "skipped": skipped,
                 "edgekd_version": edgekd.__version__, "opset": None if onnx_file is None else onnx_opset(onnx_file),
                 "reference": reference, "tolerance": tolerance,
                 "sample_labels": None if d["sample_labels"] is None else [int(v) for v in d["sample_labels"]],
@@ -162,7 +163,8 @@ def write_bundle(model, # the trained PyTorch model or exported graph
         runtimes = "; ".join(f"`{k}` needs {', '.join(ARTIFACTS[k].requirements)}" for k in paths)
         atomic_write(tmp/"README.md", _BUNDLE_README.format(
             name=name, n_classes=ref.shape[1], dataset=d["dataset"], version=edgekd.__version__, table=table,
-            shape=", ".join(map(str, d["input_shape"])), preprocessing=prep["description"], first=next(iter(paths)), runtimes=runtimes))
+            shape=", ".join(map(str, d["input_shape"])), preprocessing=prep["description"], first=next(iter(paths)), runtimes=runtimes)
+            + "".join(f"\nNot included: `{k}`: {r}.\n" for k, r in skipped.items()))
     return Path(out)
 
 def _version(package:str)->str|None:

@@ -23,8 +23,9 @@ from .runtimes import RUNTIMES, OnnxRuntime, TFLiteRuntime, _as_inputs, _first_l
 
 # %% auto #0
 __all__ = ['ARTIFACTS', 'PARITY_ATOL', 'PARITY_POINTS', 'ArtifactKind', 'dataset_arrays', 'calibration_samples', 'export_onnx',
-           'onnx_opset', 'torch_logits', 'quantize_onnx_int8', 'quantize_tflite', 'export_tflite', 'register_artifact',
-           'export_all', 'parity_report', 'check_parity']
+           'onnx_opset', 'torch_logits', 'quantize_onnx_int8', 'quantize_tflite', 'export_tflite', 'is_pt2e_quantized',
+           'litert_quantize', 'export_tflite_pt2e', 'register_artifact', 'plan_artifacts', 'export_all',
+           'parity_report', 'check_parity']
 
 # %% ../../nbs/50_deploy.ipynb #d04db371
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class ArtifactKind:
     exact: bool = True  # True: logits within `PARITY_ATOL` of PyTorch; False (quantized): accuracy within `PARITY_POINTS`
     device_tolerance: tuple = ("max", 1e-3)  # logits tolerance on another CPU: ('max', r) r*max(1, max|ref|); ('span', r) r*(max-min)
     calibrated: bool = False  # needs real training inputs (`calibration`) to be made
+    source: str = "float"  # what `make` gets: 'float' a float model; 'pt2e' a PT2E-quantized graph; 'requantize' a float model it quantizes itself
 
     @property
     def requirements(self)->tuple:
@@ -335,6 +337,85 @@ def export_tflite(model:nn.Module, # the PyTorch model or exported graph (put in
         with contextlib.suppress(OSError): os.unlink(tmp)
     return out
 
+# %% ../../nbs/50_deploy.ipynb #4551a44c
+def is_pt2e_quantized(model:nn.Module, # any model or exported graph
+                     )->bool:
+    "True if `model` is a PT2E-quantized graph (`convert_pt2e` output): it calls `quantized_decomposed` quantize/dequantize ops."
+    if not is_exported(model): return False
+    return any(n.op == "call_function" and str(n.target).startswith("quantized_decomposed.") for n in model.graph.nodes)
+
+# %% ../../nbs/50_deploy.ipynb #6e1dda7f
+_REQUANTIZE_REASON = ("litert-torch converts only graphs quantized by its own PT2E quantizer (litert_torch.quantize.PT2EQuantizer); "
+    "a graph from another quantizer (e.g. torchao's X86InductorQuantizer) fails in its converter with "
+    "'stablehlo.uniform_dequantize op operand #0 must be ranked tensor of per-tensor integer quantized or per-axis integer "
+    "quantized values'; pass the fp32 model as float_model (and calibration) to quantize it with litert-torch's quantizer")
+
+# %% ../../nbs/50_deploy.ipynb #9e3b94de
+def litert_quantize(model:nn.Module, # a float PyTorch model or exported graph (not a PT2E-quantized one)
+                    calibration, # real training samples (n, *input_shape) float32, e.g. `calibration_samples(dls)`
+                    input_shape:Sequence[int]|None=None, # one sample's shape without batch (None: the model's own)
+                    per_channel:bool=True, # one weight scale per output channel
+                    calib_batch:int=32, # samples per calibration forward pass
+                   )->nn.Module:
+    "PT2E graph quantized by litert-torch's quantizer (symmetric int8), calibrated on `calibration`: the PyTorch twin of the TFLite int8 file."
+    if is_pt2e_quantized(model): raise ConfigError(f"cannot export a PT2E-quantized graph to TFLite int8: {_REQUANTIZE_REASON}")
+    if calibration is None:
+        raise ConfigError("int8 quantization needs calibration: a few hundred real training inputs, e.g. calibration_samples(dls)")
+    check_number(calib_batch, "calib_batch", lo=1, integer=True)
+    shape = _sample_shape(model, input_shape)
+    fixed = (_graph_input(model) or (None,))[0]
+    xc = torch.from_numpy(_as_inputs(calibration, shape, "calibration"))
+    b = fixed or calib_batch
+    if len(xc) < b: raise ShapeError(f"calibration needs at least {b} samples for this fixed-batch model, got {len(xc)}")
+    with _quiet():
+        _require("litert_torch", "litert-torch", "TFLite export")
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    x = _example_input(shape, fixed or 2)  # a batch of 1 would be specialized by torch.export
+    with eval_mode(model):
+        _check_forward(model, x)
+        qz = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
+        try:
+            with _quiet():
+                dyn = None if fixed else ({0: torch.export.Dim("batch", min=1)},)
+                g = prepare_pt2e(torch.export.export(model, (x,), dynamic_shapes=dyn).module(), qz)
+                with torch.no_grad():
+                    for i in range(0, len(xc) - b + 1 if fixed else len(xc), b): g(xc[i:i + b])
+                g = convert_pt2e(g, fold_quantize=False)  # litert's converter wants the float weights and their quantize ops
+        except Exception as e: raise _export_error("TFLite int8", model, x, e) from e
+    g.input_shape, g.n_classes = shape, getattr(model, "n_classes", None)
+    g.litert_quantizer = qz
+    return g
+
+# %% ../../nbs/50_deploy.ipynb #3db7148d
+def export_tflite_pt2e(model:nn.Module, # a float PyTorch model or exported graph (not a PT2E-quantized one)
+                       calibration, # real training samples (n, *input_shape) float32, e.g. `calibration_samples(dls)`
+                       out:str|os.PathLike="model_pt2e_int8.tflite", # output file
+                       input_shape:Sequence[int]|None=None, # one sample's shape without batch (None: the model's own)
+                       per_channel:bool=True, # one weight scale per output channel
+                       calib_batch:int=32, # samples per calibration forward pass
+                      )->Path:
+    "Full-integer int8 `.tflite`: quantize `model` with `litert_quantize`, then convert it with litert-torch."
+    g = litert_quantize(model, calibration, input_shape, per_channel, calib_batch)
+    with _quiet():
+        lt = _require("litert_torch", "litert-torch", "TFLite export")
+        lt.config.show_progress = False
+        from litert_torch.quantize.quant_config import QuantConfig
+    fixed = (_graph_input(model) or (None,))[0]
+    x = _example_input(tuple(g.input_shape), fixed or 1)
+    out = Path(out); writable_dir(out.parent, "output folder")
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tflite"); os.close(fd); os.chmod(tmp, default_mode())
+    err = None
+    try:
+        with _quiet(), eval_mode(g):
+            try: lt.convert(g, (x,), quant_config=QuantConfig(pt2e_quantizer=g.litert_quantizer)).export(tmp)
+            except Exception as e: err = e
+        if err is not None: raise _export_error("TFLite", model, x, err) from err
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(OSError): os.unlink(tmp)
+    return out
+
 # %% ../../nbs/50_deploy.ipynb #4ac75fed
 def _make_onnx(model, out, calibration=None, input_shape=None, opset=None)->Path:
     "ONNX fp32 from the PyTorch model."
@@ -356,6 +437,14 @@ def _make_tflite_int8(base, out, calibration, input_shape=None, opset=None)->Pat
     "TFLite full-integer int8 from the TFLite fp32 file."
     return quantize_tflite(base, calibration, out, mode="int8")
 
+def _make_onnx_qdq(model, out, calibration=None, input_shape=None, opset=None)->Path:
+    "ONNX QDQ from a PT2E-quantized graph (its own scales and zero points)."
+    return export_onnx(model, input_shape, out, opset)
+
+def _make_tflite_pt2e_int8(model, out, calibration, input_shape=None, opset=None)->Path:
+    "TFLite int8 from a float model, quantized by litert-torch's PT2E quantizer."
+    return export_tflite_pt2e(model, calibration, out, input_shape)
+
 # %% ../../nbs/50_deploy.ipynb #057c4309
 ARTIFACTS = {}  # key -> ArtifactKind, in bundle order
 
@@ -366,6 +455,7 @@ def register_artifact(kind:ArtifactKind, # the new kind
     if not isinstance(kind, ArtifactKind): raise ConfigError(f"register_artifact needs an ArtifactKind, got {type(kind).__name__}")
     if kind.key in ARTIFACTS and not replace: raise ConfigError(f"artifact kind {kind.key!r} exists; pass replace=True to replace it")
     check_choice(kind.runtime, "runtime", RUNTIMES)
+    check_choice(kind.source, f"source of artifact {kind.key!r}", ["float", "pt2e", "requantize"])
     if Path(kind.file).suffix != f".{RUNTIMES[kind.runtime].format}":
         raise ConfigError(f"artifact {kind.key!r}: file {kind.file!r} must end in .{RUNTIMES[kind.runtime].format} for runtime {kind.runtime!r}")
     if kind.base is not None: check_choice(kind.base, f"base of artifact {kind.key!r}", ARTIFACTS)
@@ -376,6 +466,32 @@ def register_artifact(kind:ArtifactKind, # the new kind
         raise ConfigError(f"artifact {kind.key!r}: device_tolerance must be ('max', r) or ('span', r) with r > 0, got {rule!r}")
     ARTIFACTS[kind.key] = kind
     return kind
+
+# %% ../../nbs/50_deploy.ipynb #eaf5bd91
+def plan_artifacts(model:nn.Module, # the model to export: a float model or a PT2E-quantized graph
+                   artifacts:Iterable[str]|None=None, # keys of `ARTIFACTS` (None: every kind that fits the model)
+                   float_model:nn.Module|None=None, # for a PT2E-quantized `model`: the float model it was quantized from
+                  )->tuple[list, dict]:
+    "Which of the requested kinds can be made from `model`: (keys to make, {key: reason} for the kinds skipped)."
+    q = is_pt2e_quantized(model)
+    if float_model is not None and is_pt2e_quantized(float_model):
+        raise ConfigError("float_model must be the float model a PT2E-quantized graph was made from, got a PT2E-quantized graph")
+    if artifacts is None: want = [k for k, a in ARTIFACTS.items() if (a.source != "float") == q]
+    else: want = [check_choice(k, "artifact", ARTIFACTS) for k in dict.fromkeys(artifacts)]
+    if not want: raise ConfigError("artifacts must name at least one of: " + ", ".join(ARTIFACTS))
+    keys, skipped = [], {}
+    for k in want:
+        kind = ARTIFACTS[k]
+        while kind.base is not None: kind = ARTIFACTS[kind.base]  # a derived kind is made from what its base is made from
+        if kind.source == "float" and q:
+            skipped[k] = (f"{k} is made from a float model and this model is PT2E-quantized; "
+                          "its artifacts are onnx_qdq and tflite_pt2e_int8")
+        elif kind.source == "pt2e" and not q:
+            skipped[k] = (f"{k} needs a PT2E-quantized graph (prepare_pt2e + convert_pt2e, e.g. edgekd.quant.quantize_model); "
+                          "this model is a float model")
+        elif kind.source == "requantize" and q and float_model is None: skipped[k] = _REQUANTIZE_REASON
+        else: keys.append(k)
+    return keys, skipped
 
 # %% ../../nbs/50_deploy.ipynb #33568ee3
 for _k in [
@@ -389,28 +505,40 @@ for _k in [
     ArtifactKind("tflite_int8", "model_int8.tflite", _make_tflite_int8, "litert", "TFLite int8",
                  "TFLite full-integer int8 (int8 input/output), calibrated on real samples",
                  base="tflite", exact=False, device_tolerance=("span", 0.05), calibrated=True),
+    ArtifactKind("onnx_qdq", "model_qdq.onnx", _make_onnx_qdq, "onnxruntime", "ORT QDQ (PT2E)",
+                 "ONNX QDQ of a PT2E-quantized graph: its own int8 scales and zero points as QuantizeLinear/DequantizeLinear",
+                 exact=False, device_tolerance=("span", 0.05), source="pt2e"),
+    ArtifactKind("tflite_pt2e_int8", "model_pt2e_int8.tflite", _make_tflite_pt2e_int8, "litert", "TFLite int8 (PT2E)",
+                 "TFLite full-integer int8 from litert-torch's PT2E quantizer (per-channel weights), calibrated on real samples",
+                 exact=False, device_tolerance=("span", 0.05), calibrated=True, source="requantize"),
 ]: register_artifact(_k)
 
 # %% ../../nbs/50_deploy.ipynb #25ac4f11
-def export_all(model:nn.Module, # the PyTorch model or exported graph
+def export_all(model:nn.Module, # the PyTorch model or exported graph (a float model or a PT2E-quantized graph)
                out:str|os.PathLike, # the folder the files go to (file names from `ARTIFACTS`)
                calibration=None, # real training samples (n, *input_shape) float32, for the calibrated (int8) kinds
-               artifacts:Iterable[str]|None=None, # keys of `ARTIFACTS` to make (None: all)
+               artifacts:Iterable[str]|None=None, # keys of `ARTIFACTS` to make (None: every kind that fits `model`, see `plan_artifacts`)
                input_shape:Sequence[int]|None=None, # one sample's shape (None: the model's own)
                opset:int|None=None, # ONNX opset (None: the exporter's default)
+               float_model:nn.Module|None=None, # for a PT2E-quantized `model`: its float model, quantized again by 'requantize' kinds
               )->dict:
     "Export `model` to the requested kinds of artifact in `out`; returns {key: path}, in the order of `ARTIFACTS`."
-    want = list(ARTIFACTS) if artifacts is None else [check_choice(k, "artifact", ARTIFACTS) for k in dict.fromkeys(artifacts)]
-    if not want: raise ConfigError("artifacts must name at least one of: " + ", ".join(ARTIFACTS))
+    want, skipped = plan_artifacts(model, artifacts, float_model)
+    if artifacts is not None and skipped:
+        raise ConfigError("cannot make " + "; ".join(f"{k}: {r}" for k, r in skipped.items()))
+    if not want: raise ConfigError("no kind of artifact fits this model: " + "; ".join(f"{k}: {r}" for k, r in skipped.items()))
     need_cal = [k for k in want if ARTIFACTS[k].calibrated]
     if need_cal and calibration is None:
         raise ConfigError(f"artifacts {', '.join(need_cal)} need calibration: real training inputs, e.g. calibration_samples(dls)")
     out = writable_dir(out, "output folder")
+    requantize_from = float_model if float_model is not None and is_pt2e_quantized(model) else model
+    if requantize_from is not model and input_shape is None: input_shape = _sample_shape(model, None)  # the graph knows it
     made = {}
     def make(key):
         if key not in made:
             kind = ARTIFACTS[key]
-            source = model if kind.base is None else make(kind.base)
+            if kind.base is not None: source = make(kind.base)
+            else: source = requantize_from if kind.source == "requantize" else model
             made[key] = Path(kind.make(source, out/kind.file, calibration, input_shape=input_shape, opset=opset))
         return made[key]
     for k in want: make(k)
