@@ -23,17 +23,20 @@ __all__ = ['count_params', 'count_nonzero', 'count_macs', 'serialized_bytes', 'm
            'profile_model', 'format_table', 'plot_tradeoff']
 
 # %% ../nbs/04_profile.ipynb #a247f1fc
-def _graph_weights(model:torch.fx.GraphModule)->list:
-    "Tensors an exported graph reads as weights: its parameters, and int8/uint8 buffers (the weights of a PT2E-quantized graph)."
-    out, seen = [], set()
+def _graph_tensors(model:torch.fx.GraphModule)->dict:
+    "`{target: tensor}` for every tensor an exported graph reads (its `get_attr` nodes)."
+    out = {}
     for node in model.graph.nodes:
         if node.op != "get_attr": continue
         t = model
         for part in node.target.split("."): t = getattr(t, part, None)
-        if not torch.is_tensor(t) or id(t) in seen: continue
-        seen.add(id(t))
-        if isinstance(t, nn.Parameter) or t.dtype in (torch.int8, torch.uint8): out.append(t)
+        if torch.is_tensor(t): out[node.target] = t
     return out
+
+def _graph_weights(model:torch.fx.GraphModule)->list:
+    "Tensors an exported graph reads as weights: its parameters, and int8/uint8 buffers (the weights of a PT2E-quantized graph)."
+    out = {id(t): t for t in _graph_tensors(model).values() if isinstance(t, nn.Parameter) or t.dtype in (torch.int8, torch.uint8)}
+    return list(out.values())
 
 def count_params(model:nn.Module, # any PyTorch model, or an exported (possibly quantized) graph
                 )->int:
@@ -104,14 +107,7 @@ def count_macs(model:nn.Module, # eager model or exported graph
 # %% ../nbs/04_profile.ipynb #62329742
 def _effective_state(model:nn.Module)->dict:
     "The tensors that would ship: the state_dict with `torch.nn.utils.prune` masks folded in; for a graph, the tensors it reads."
-    if is_exported(model):   # a PT2E-converted graph still holds float originals it no longer reads
-        out = {}
-        for node in model.graph.nodes:
-            if node.op != "get_attr": continue
-            t = model
-            for part in node.target.split("."): t = getattr(t, part, None)
-            if torch.is_tensor(t): out[node.target] = t
-        return out
+    if is_exported(model): return _graph_tensors(model)   # a PT2E graph still holds float originals it no longer reads
     if not any(k.endswith("_mask") for k in model.state_dict()): return model.state_dict()
     return fold_masks(copy_model(model)).state_dict()
 
