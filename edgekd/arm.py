@@ -27,7 +27,7 @@ from .export.converters import ARTIFACTS
 from .export.runtimes import RUNTIMES as _RUNTIME_CLASSES
 
 # %% auto #0
-__all__ = ['QEMU_MIN', 'GUEST_CPU', 'DEBIAN_MIRROR', 'INSTALL_HINT', 'READY', 'GUEST_PROBE', 'RUNTIMES', 'CPU_PARTS',
+__all__ = ['QEMU_MIN', 'GUEST_CPU', 'DEBIAN_MIRROR', 'INSTALL_HINT', 'READY', 'GUEST_PROBE', 'RUNTIMES', 'NO_DEPS', 'CPU_PARTS',
            'ArmToolsError', 'qemu_version', 'find_tools', 'arm_cache', 'ArmRun', 'run_measured', 'ensure_rootfs',
            'manylinux_tags', 'wheel_requirements', 'ensure_wheels', 'run_aarch64', 'guest_platform', 'compare_outputs',
            'ArmReport', 'arm_check', 'emulator_ready', 'setup_emulator']
@@ -305,8 +305,12 @@ def _allows(requirement:str, version:str)->bool:
         return Requirement(requirement).specifier.contains(version, prereleases=True)
     except Exception: return False
 
+# %% ../nbs/51_arm.ipynb #e019f730
+RUNTIMES["executorch"] = ("numpy", "executorch", "torch", "typing-extensions")  # what predict.py imports for a .pte
+NO_DEPS = {"executorch"}  # wheel sets installed with `pip --no-deps` and not byte-compiled (see above)
+
 # %% ../nbs/51_arm.ipynb #92381649
-def ensure_wheels(kind:str="onnxruntime", # 'onnxruntime' (numpy + onnxruntime) or 'litert' (numpy + ai-edge-litert)
+def ensure_wheels(kind:str="onnxruntime", # a key of `RUNTIMES`: 'onnxruntime', 'litert' or 'executorch'
                   cache:str|os.PathLike|None=None, # cache folder (see `arm_cache`)
                   requirements:list|str|None=None, # pins, e.g. a bundle's requirements.txt (see `wheel_requirements`)
                   log=_say, # progress messages (None: quiet)
@@ -326,11 +330,12 @@ def ensure_wheels(kind:str="onnxruntime", # 'onnxruntime' (numpy + onnxruntime) 
         pyver = ".".join(info["python_version"].split(".")[:2])
         plats = [a for t in manylinux_tags(info["libc"]) for a in ("--platform", t)]
         cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
-               "--target", str(tmp), "--only-binary=:all:", "--python-version", pyver, "--implementation", "cp", *plats, *reqs]
+               "--target", str(tmp), "--only-binary=:all:", "--python-version", pyver, "--implementation", "cp", *plats,
+               *(["--no-deps"] if kind in NO_DEPS else []), *reqs]
         r = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(PIP_NO_INPUT=1))
         if r.returncode:
             raise ArmToolsError(f"pip could not get aarch64 wheels for {' '.join(reqs)}: {_tail(r.stderr or r.stdout)}")
-        _compile_guest(tools, root, root/"usr/bin"/info["python"], tmp)
+        if kind not in NO_DEPS: _compile_guest(tools, root, root/"usr/bin"/info["python"], tmp)
         got = sorted(p.name.removesuffix(".dist-info") for p in tmp.glob("*.dist-info"))
         (tmp/READY).write_text(json.dumps(dict(kind=kind, requirements=reqs, installed=got, seconds=round(time.perf_counter() - t0, 1)), indent=1))
     log(f"wheels ready in {time.perf_counter() - t0:.0f} s: {', '.join(got)}")
@@ -408,6 +413,19 @@ def _plan(bundle:Path, meta:dict, artifacts)->list[dict]:
         plan.append(dict(key=key, file=f, runtime=_runtime_of(f, key, meta), reference=bundle/ref, tolerance=float(tol)))
     return plan
 
+def _cannot_run(r:ArmRun)->str|None:
+    "Why the runtime could not start at all (exit 3: not importable; SIGILL: an instruction this CPU lacks), else None."
+    if r.returncode == 3: return _tail(r.stderr)
+    if r.returncode in (-4, 132): return f"illegal instruction (SIGILL): the runtime uses an instruction the emulated CPU lacks; {_tail(r.stderr)}"
+    return None
+
+def _not_run_row(item:dict, why:str)->dict:
+    "A row for an artifact whose runtime could not be set up or started: the evidence, no verdict on its outputs."
+    return dict(artifact=item["key"], file=item["file"].name, runtime=item["runtime"], bytes=item["file"].stat().st_size,
+                tolerance=item["tolerance"], seconds=0.0, peak_rss_mb=None, peak_rss_x86_mb=None, machine=None,
+                max_abs_diff=None, argmax_agreement=None, parity=False, passed=False, ran=False,
+                ram_headroom_mb=None, fits_device=None, error=f"cannot run under emulation: {why}")
+
 def _check_artifact(bundle:Path, meta:dict, item:dict, run, native=None, threads:int=1, device:dict|None=None,
                     machine:str|None=None)->dict:
     "Run one artifact with `run(argv_tail, item) -> ArmRun` (and `native`, if given), compare, and budget it."
@@ -421,6 +439,11 @@ def _check_artifact(bundle:Path, meta:dict, item:dict, run, native=None, threads
                tolerance=item["tolerance"], seconds=r.seconds, peak_rss_mb=r.peak_rss_mb,
                peak_rss_x86_mb=x86.peak_rss_mb if x86 is not None and x86.ok else None,
                machine=(r.json_line() or {}).get("machine"))
+    if y is None and _cannot_run(r):
+        row.update(max_abs_diff=None, argmax_agreement=None, parity=False, passed=False, ran=False, ram_headroom_mb=None,
+                   fits_device=None, error=f"cannot run under emulation: {_cannot_run(r)}")
+        return row
+    row["ran"] = True
     if y is None:
         why = "no output file" if r.ok else _tail(r.stderr or r.stdout)
         row.update(max_abs_diff=None, argmax_agreement=None, parity=False, passed=False, error=f"predict.py failed: {why}")
@@ -447,7 +470,14 @@ class ArmReport:
 
     @property
     def passed(self)->bool:
-        return self.guest.get("machine") == "aarch64" and bool(self.rows) and all(r["passed"] for r in self.rows)
+        "The guest is aarch64, at least one artifact ran, and every artifact that ran passed."
+        ran = [r for r in self.rows if r.get("ran", True)]
+        return self.guest.get("machine") == "aarch64" and bool(ran) and all(r["passed"] for r in ran)
+
+    @property
+    def not_run(self)->list:
+        "Keys of the artifacts whose runtime could not start under emulation (their rows hold the evidence)."
+        return [r["artifact"] for r in self.rows if not r.get("ran", True)]
 
     def to_dict(self)->dict: return dict(asdict(self), passed=self.passed)
 
@@ -457,15 +487,17 @@ class ArmReport:
         def num(v, fmt): return "-" if v is None else format(v, fmt)
         lines = [f"ARM64 check of `{self.bundle}`: **{'PASSED' if self.passed else 'FAILED'}** "
                  f"(guest {g.get('machine')} {g.get('cpu_name') or g.get('cpu_model')}, Python {g.get('python')}, "
-                 f"{g.get('libc')}, qemu {g.get('qemu')}; {self.seconds:.0f} s)", "",
+                 f"{g.get('libc')}, qemu {g.get('qemu')}; {self.seconds:.0f} s)"
+                 + (f"; not run under emulation: {', '.join(self.not_run)} (evidence below)" if self.not_run else ""), "",
                  "| artifact | runtime | model KB | max abs diff | tolerance | argmax agree | parity "
                  f"| peak RSS arm (x86) MB | fits {d['ram_mb'] / 1024:g} GB | passed |",
                  "|:--|:--|--:|--:|--:|--:|:--|--:|:--|:--|"]
         for r in self.rows:
             lines.append(f"| {r['artifact']} | {r['runtime']} | {r['bytes'] / 1024:.1f} | {num(r['max_abs_diff'], '.2g')} "
-                         f"| {r['tolerance']:g} | {num(r['argmax_agreement'], '.0%')} | {'ok' if r['parity'] else 'FAIL'} "
-                         f"| {r['peak_rss_mb']:.0f} ({num(r['peak_rss_x86_mb'], '.0f')}) "
-                         f"| {'yes' if r['fits_device'] else 'NO'} | {'yes' if r['passed'] else 'NO'} |")
+                         f"| {r['tolerance']:g} | {num(r['argmax_agreement'], '.0%')} | {'ok' if r['parity'] else '-' if not r.get('ran', True) else 'FAIL'} "
+                         f"| {num(r['peak_rss_mb'], '.0f')} ({num(r['peak_rss_x86_mb'], '.0f')}) "
+                         f"| {'-' if r['fits_device'] is None else 'yes' if r['fits_device'] else 'NO'} "
+                         f"| {'not run' if not r.get('ran', True) else 'yes' if r['passed'] else 'NO'} |")
         lines += ["", f"Device: {d['name']}; {available_ram_mb(d)} MB of RAM left for the model's process "
                   f"({d['reserved_mb']} MB kept for the system). Peak RSS under emulation includes qemu's translator "
                   "(an upper bound); the x86 figure is closer to what the board will use.",
@@ -499,17 +531,20 @@ def arm_check(bundle:str|os.PathLike, # a deploy bundle folder
     if guest["machine"] != "aarch64": raise ArmToolsError(f"the emulated Python reports {guest['machine']!r}, not 'aarch64'")
     rows = []
     for item in plan:
-        wheels = ensure_wheels(item["runtime"], cache, requirements=req, log=log)
+        try: wheels = ensure_wheels(item["runtime"], cache, requirements=req, log=log)
+        except ArmToolsError as e:  # this runtime's wheels do not exist for the guest: say so, check the others
+            rows.append(_not_run_row(item, str(e))); say(f"{item['key']}: {rows[-1]['error']}"); continue
         def emulated(tail, item, wheels=wheels):
             return run_aarch64(tail[0], tail[1:], cwd=bundle, wheels=wheels, timeout=timeout, cache=cache, cpu=cpu)
-        mod = {"onnxruntime": "onnxruntime", "litert": "ai_edge_litert"}[item["runtime"]]
+        mod = {"onnxruntime": "onnxruntime", "litert": "ai_edge_litert", "executorch": "executorch"}[item["runtime"]]
         host = None
         if native and importlib.util.find_spec(mod) is not None:
             def host(tail, item): return run_measured([sys.executable, *tail], cwd=bundle, timeout=timeout)
         say(f"{item['key']}: running predict.py under emulation ({item['file'].name})")
         row = _check_artifact(bundle, meta, item, emulated, host, threads, device, machine="aarch64")
-        say(f"{item['key']}: max abs diff {row['max_abs_diff']}, peak RSS {row['peak_rss_mb']} MB, "
-            f"{'passed' if row['passed'] else 'FAILED'} ({row['seconds']:.0f} s emulated)")
+        if not row["ran"]: say(f"{item['key']}: {row['error']}")
+        else: say(f"{item['key']}: max abs diff {row['max_abs_diff']}, peak RSS {row['peak_rss_mb']} MB, "
+                  f"{'passed' if row['passed'] else 'FAILED'} ({row['seconds']:.0f} s emulated)")
         rows.append(row)
     return ArmReport(str(bundle), guest, rows, {**EDGE_DEVICE, **(device or {})}, round(time.perf_counter() - t0, 1))
 

@@ -231,3 +231,27 @@ def test_arm_check_of_changed_and_exported_models(kind, tmp_path):
     assert rep.passed, rep.to_markdown()
     assert [r["artifact"] for r in rep.rows] == ["onnx", "onnx_int8", "tflite"]
     assert all(r["machine"] == "aarch64" and r["max_abs_diff"] <= r["tolerance"] for r in rep.rows)
+
+
+# ----------------------------------------------------------------------------- ExecuTorch programs
+
+def test_arm_check_of_a_bundle_with_executorch_programs(tmp_path):
+    """A bundle with .pte programs goes through arm_check: each .pte row either passes, or is reported as not run with the
+    runtime's own one-line error as evidence; the ONNX artifact next to them is checked as usual and the check passes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 8, 5, padding=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 40, 10)).eval()
+    x = torch.randn(64, 1, 40).numpy()
+    data = dict(input_shape=(1, 40), classes=[str(i) for i in range(10)], sample_inputs=x[:8], calibration=x)
+    bundle = write_bundle(model, data, tmp_path / "bundle", artifacts=["onnx", "pte", "pte_int8"])
+    assert wheel_requirements("executorch")[1:3] == ["executorch==1.5.1", f"torch=={torch.__version__.split('+')[0]}"]
+    rep = arm_check(bundle, native=False, log=None)
+    rows = {r["artifact"]: r for r in rep.rows}
+    assert list(rows) == ["onnx", "pte", "pte_int8"] and rows["onnx"]["passed"] and rows["onnx"]["ran"]
+    for key in ("pte", "pte_int8"):
+        r = rows[key]
+        assert r["runtime"] == "executorch"
+        if r["ran"]: assert r["passed"] and r["machine"] == "aarch64", r
+        else: assert r["error"].startswith("cannot run under emulation: ") and "\n" not in r["error"] and key in rep.not_run, r
+    assert rep.passed, rep.to_markdown()
+    md = rep.to_markdown()
+    assert all(f"- {k}: cannot run under emulation" in md for k in rep.not_run)

@@ -37,10 +37,23 @@ def test_fp32_parity_and_chunks(cnn_pte):
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
 
 
-def test_threads_recorded(cnn_pte):
-    from executorch.extension.pybindings import portable_lib
-    rt = ExecuTorchRuntime(cnn_pte[1], threads=2)
-    assert rt.threads == 2 and rt.model.pool_threads == portable_lib._threadpool_get_thread_count() >= 1
+def test_threads_honoured_while_no_other_program_is_open(cnn_pte):
+    "ExecuTorch's pool is per process: resized to the request while no PteModel is open, else a one-line ConfigError."
+    import gc
+    from executorch.extension.pybindings import _C
+    gc.collect()
+    rt = ExecuTorchRuntime(cnn_pte[1], threads=1)
+    assert rt.threads == rt.pool_threads == _C._threadpool_get_thread_count() == 1
+    with pytest.raises(ConfigError, match="thread pool is shared by the whole process, has 1 threads") as e:
+        ExecuTorchRuntime(cnn_pte[1], threads=2)
+    assert "\n" not in str(e.value)
+    del rt; gc.collect()
+    rt2 = ExecuTorchRuntime(cnn_pte[1], threads=2)                 # nothing open: the pool is resized
+    assert rt2.pool_threads == _C._threadpool_get_thread_count() == 2
+    x = inputs(6)
+    np.testing.assert_allclose(rt2.predict(x), torch_logits(cnn_pte[0], x), atol=1e-4, rtol=0)
+    del rt2; gc.collect()
+    assert ExecuTorchRuntime(cnn_pte[1], threads=1).pool_threads == 1
     with pytest.raises(ConfigError, match="threads"): ExecuTorchRuntime(cnn_pte[1], threads=0)
 
 
@@ -71,19 +84,31 @@ def test_bad_inputs(cnn_pte, tmp_path):
 
 
 def test_missing_package(cnn_pte, monkeypatch):
-    monkeypatch.setitem(sys.modules, "executorch.runtime", None)  # import fails as if not installed
-    with pytest.raises(MissingPackageError, match="pip install executorch"): ExecuTorchRuntime(cnn_pte[1])
-    monkeypatch.setitem(sys.modules, "executorch", None)
-    with pytest.raises(MissingPackageError, match="pip install executorch"):
+    for name in ("executorch", "executorch.extension", "executorch.extension.pybindings"):
+        monkeypatch.setitem(sys.modules, name, None)   # import fails as if not installed
+    with pytest.raises(MissingPackageError, match=r"model.pte needs executorch \(and the torch it depends on\): pip install executorch"):
+        ExecuTorchRuntime(cnn_pte[1])
+    with pytest.raises(MissingPackageError, match="ExecuTorch export needs the executorch package: pip install executorch"):
         export_executorch(cnn_pte[0], cnn_pte[2] / "x.pte")
+    from edgekd.export import export_all, plan_artifacts
+    assert plan_artifacts(cnn_pte[0])[0] == ["onnx", "onnx_int8", "tflite", "tflite_fp16", "tflite_int8"]  # not asked: no error
+    with pytest.raises(MissingPackageError, match="pip install executorch"):
+        export_all(cnn_pte[0], cnn_pte[2] / "all", artifacts=["pte"])
 
 
-def test_torchvision_parity(tmp_path):
-    "A model that is not edgekd's (torchvision's, random weights, small input to stay quick) keeps fp32 parity."
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_torchvision_parity(arch, tmp_path):
+    "Models that are not edgekd's (torchvision's, random weights, nothing downloaded, 64x64 inputs to stay quick)."
     import torchvision
-    arch = "mobilenet_v3_small"
     torch.manual_seed(0)
-    m = getattr(torchvision.models, arch)().eval()
-    x = torch.randn(1, 3, 96, 96)
-    pte = export_executorch(m, tmp_path / f"{arch}.pte", x)
-    np.testing.assert_allclose(ExecuTorchRuntime(pte).predict(x), torch_logits(m, x.numpy()), atol=1e-4, rtol=0)
+    m = getattr(torchvision.models, arch)(weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    pte = export_executorch(m, tmp_path / f"{arch}.pte", x[:1])
+    rt = ExecuTorchRuntime(pte)
+    assert (rt.batch_size, rt.input_shape) == (1, (3, 64, 64))
+    np.testing.assert_allclose(rt.predict(x), torch_logits(m, x.numpy()), atol=1e-4, rtol=0)   # fp32: 1e-4 of PyTorch
+    cal = torch.randn(8, 3, 64, 64).numpy()
+    pte8 = export_executorch_int8(m, tmp_path / f"{arch}_int8.pte", cal, x[:1])
+    got = ExecuTorchRuntime(pte8).predict(x)
+    assert got.shape == (2, 1000) and np.isfinite(got).all()
+    assert pte8.stat().st_size < 0.5 * pte.stat().st_size                                 # int8 weights

@@ -78,7 +78,7 @@ def test_predictor_parses_as_python_3_9_and_imports_only_numpy_and_runtimes():
         if isinstance(n, ast.Import): imported |= {a.name.split(".")[0] for a in n.names}
         elif isinstance(n, ast.ImportFrom): imported.add(n.module.split(".")[0])
     third_party = imported - set(sys.stdlib_module_names)
-    assert third_party == {"numpy", "onnxruntime", "ai_edge_litert"}, third_party
+    assert third_party == {"numpy", "onnxruntime", "ai_edge_litert", "torch", "executorch"}, third_party   # torch: only for .pte
 
 
 def test_predictor_lints_clean():
@@ -152,6 +152,14 @@ def test_one_entry_adds_a_kind_everywhere(bundle, tmp_path):
             register_artifact(ARTIFACTS["onnx_int8_tensor"])
     finally:
         del ARTIFACTS["onnx_int8_tensor"]
+
+
+def test_executorch_kinds_are_opt_in_and_lazy():
+    "pte/pte_int8 are registered like any kind, made only by name, and the converters never import executorch themselves."
+    assert [k for k, a in ARTIFACTS.items() if not a.default] == ["pte", "pte_int8"]
+    assert ARTIFACTS["pte"].runtime == ARTIFACTS["pte_int8"].runtime == "executorch" and ARTIFACTS["pte_int8"].calibrated
+    mods = loaded_modules("from edgekd.export import ARTIFACTS, plan_artifacts")
+    assert not {m for m in mods if m.startswith("executorch") or m == "edgekd.export.executorch"}
 
 
 def test_requirements_follow_the_table():

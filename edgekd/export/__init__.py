@@ -14,9 +14,11 @@ _API = {name: module for module, names in {
                    "onnx_opset", "quantize_onnx_int8", "quantize_tflite", "export_tflite", "is_pt2e_quantized",
                    "litert_quantize", "export_tflite_pt2e", "plan_artifacts", "export_all", "torch_logits",
                    "parity_report", "PARITY_ATOL", "PARITY_POINTS", "check_parity"],
-    "runtimes": ["MissingPackageError", "Runtime", "OnnxRuntime", "TFLiteRuntime", "RUNTIMES", "load_runtime", "predict"],
+    "runtimes": ["MissingPackageError", "Runtime", "OnnxRuntime", "TFLiteRuntime", "ExecuTorchRuntime", "RUNTIMES", "load_runtime",
+                 "predict"],
     "bundle": ["PREPROCESSING", "BUNDLE_FORMAT", "BUNDLE_VERSION", "write_bundle", "load_bundle", "run_predict", "verify_bundle",
                "EDGE_DEVICE", "available_ram_mb", "edge_budget", "add_edge_budget", "bundle_from_run"],
+    "executorch": ["export_executorch", "export_executorch_int8", "make_pte", "make_pte_int8"],
 }.items() for name in names}  # public name -> the module of edgekd.export that defines it
 
 __all__ = list(_API)

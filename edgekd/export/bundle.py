@@ -86,7 +86,7 @@ venv/bin/python predict.py --artifact {first} sample_inputs.npy --out logits.npy
 
 It prints one JSON line: the predicted class of each row, the seconds spent and the peak memory of the
 process. Use `--artifact` to pick a file from the table (install just the runtime it needs:
-{runtimes}), and `--threads` for the CPU threads (1 by default, the honest setting for a single-core
+{runtimes}; ExecuTorch's Python runtime also installs torch), and `--threads` for the CPU threads (1 by default, the honest setting for a single-core
 budget). A wrong input shape or dtype stops with a one-line message and exit status 2.
 
 To check that the board computes what the build machine computed, compare with the reference logits:
@@ -114,7 +114,7 @@ def write_bundle(model, # the trained PyTorch model or exported graph
                        # input_shape, classes, sample_inputs and optionally calibration, sample_labels, dataset, preprocessing
                  out:str|os.PathLike, # the bundle folder (replaced atomically)
                  name:str|None=None, # model name for metadata and README (None: the class name)
-                 artifacts:Iterable[str]|None=None, # keys of `ARTIFACTS` to include (None: every kind that fits `model`, see `plan_artifacts`)
+                 artifacts:Iterable[str]|None=None, # keys of `ARTIFACTS` to include (None: every default kind that fits `model`; 'pte', 'pte_int8' by name)
                  n_samples:int=8, # real test inputs stored as sample_inputs.npy
                  n_calib:int=256, # real training inputs used to calibrate the int8 artifacts
                  opset:int|None=None, # ONNX opset (None: the exporter's default)
@@ -155,7 +155,7 @@ def write_bundle(model, # the trained PyTorch model or exported graph
                 "edgekd_version": edgekd.__version__, "opset": None if onnx_file is None else onnx_opset(onnx_file),
                 "reference": reference, "tolerance": tolerance,
                 "sample_labels": None if d["sample_labels"] is None else [int(v) for v in d["sample_labels"]],
-                "created_with": {p: _version(p) for p in ("torch", "onnx", "onnxruntime", "litert-torch", "ai-edge-litert", "ai-edge-quantizer")}}
+                "created_with": {p: _version(p) for p in ("torch", "onnx", "onnxruntime", "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "executorch")}}
         atomic_write(tmp/"metadata.json", json.dumps(meta, indent=2))
         atomic_write(tmp/"predict.py", Path(predictor.__file__).read_bytes())
         atomic_write(tmp/"requirements.txt", _requirements(paths))

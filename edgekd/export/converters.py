@@ -32,7 +32,7 @@ __all__ = ['ARTIFACTS', 'PARITY_ATOL', 'PARITY_POINTS', 'ArtifactKind', 'dataset
 class ArtifactKind:
     "One kind of deployable model file: how it is made, what runs it, and how close to PyTorch it must stay."
     key: str  # the artifact's key in a bundle, e.g. 'onnx_int8'
-    file: str  # its file name in a bundle; the suffix picks the runtime (.onnx, .tflite)
+    file: str  # its file name in a bundle; the suffix picks the runtime (.onnx, .tflite, .pte)
     make: Callable  # make(source, out, calibration, input_shape, opset) -> Path; source: the model, or the base artifact's file
     runtime: str  # name of the runtime that runs it, a key of `edgekd.export.runtimes.RUNTIMES`
     label: str  # short name for tables and plots, e.g. 'ORT int8'
@@ -42,6 +42,7 @@ class ArtifactKind:
     device_tolerance: tuple = ("max", 1e-3)  # logits tolerance on another CPU: ('max', r) r*max(1, max|ref|); ('span', r) r*(max-min)
     calibrated: bool = False  # needs real training inputs (`calibration`) to be made
     source: str = "float"  # what `make` gets: 'float' a float model; 'pt2e' a PT2E-quantized graph; 'requantize' a float model it quantizes itself
+    default: bool = True  # made when no list of kinds is given; False: only when asked for by name (e.g. a heavy toolchain)
 
     @property
     def requirements(self)->tuple:
@@ -445,6 +446,17 @@ def _make_tflite_pt2e_int8(model, out, calibration, input_shape=None, opset=None
     "TFLite int8 from a float model, quantized by litert-torch's PT2E quantizer."
     return export_tflite_pt2e(model, calibration, out, input_shape)
 
+# %% ../../nbs/50_deploy.ipynb #100641d9
+def _make_pte(model, out, calibration=None, input_shape=None, opset=None)->Path:
+    "ExecuTorch fp32 (XNNPACK) from the PyTorch model, imported on first use."
+    from edgekd.export.executorch import make_pte
+    return make_pte(model, out, calibration, input_shape, opset)
+
+def _make_pte_int8(model, out, calibration, input_shape=None, opset=None)->Path:
+    "ExecuTorch int8 from the float model, quantized by the XNNPACK PT2E quantizer, imported on first use."
+    from edgekd.export.executorch import make_pte_int8
+    return make_pte_int8(model, out, calibration, input_shape, opset)
+
 # %% ../../nbs/50_deploy.ipynb #057c4309
 ARTIFACTS = {}  # key -> ArtifactKind, in bundle order
 
@@ -469,14 +481,14 @@ def register_artifact(kind:ArtifactKind, # the new kind
 
 # %% ../../nbs/50_deploy.ipynb #eaf5bd91
 def plan_artifacts(model:nn.Module, # the model to export: a float model or a PT2E-quantized graph
-                   artifacts:Iterable[str]|None=None, # keys of `ARTIFACTS` (None: every kind that fits the model)
+                   artifacts:Iterable[str]|None=None, # keys of `ARTIFACTS` (None: every default kind that fits the model)
                    float_model:nn.Module|None=None, # for a PT2E-quantized `model`: the float model it was quantized from
                   )->tuple[list, dict]:
     "Which of the requested kinds can be made from `model`: (keys to make, {key: reason} for the kinds skipped)."
     q = is_pt2e_quantized(model)
     if float_model is not None and is_pt2e_quantized(float_model):
         raise ConfigError("float_model must be the float model a PT2E-quantized graph was made from, got a PT2E-quantized graph")
-    if artifacts is None: want = [k for k, a in ARTIFACTS.items() if (a.source != "float") == q]
+    if artifacts is None: want = [k for k, a in ARTIFACTS.items() if a.default and (a.source != "float") == q]
     else: want = [check_choice(k, "artifact", ARTIFACTS) for k in dict.fromkeys(artifacts)]
     if not want: raise ConfigError("artifacts must name at least one of: " + ", ".join(ARTIFACTS))
     keys, skipped = [], {}
@@ -511,6 +523,11 @@ for _k in [
     ArtifactKind("tflite_pt2e_int8", "model_pt2e_int8.tflite", _make_tflite_pt2e_int8, "litert", "TFLite int8 (PT2E)",
                  "TFLite full-integer int8 from litert-torch's PT2E quantizer (per-channel weights), calibrated on real samples",
                  exact=False, device_tolerance=("span", 0.05), calibrated=True, source="requantize"),
+    ArtifactKind("pte", "model.pte", _make_pte, "executorch", "ExecuTorch fp32", "ExecuTorch fp32 program, XNNPACK delegate",
+                 default=False),
+    ArtifactKind("pte_int8", "model_int8.pte", _make_pte_int8, "executorch", "ExecuTorch int8",
+                 "ExecuTorch int8 program from the XNNPACK PT2E quantizer (per-channel weights), calibrated on real samples",
+                 exact=False, device_tolerance=("span", 0.05), calibrated=True, default=False),
 ]: register_artifact(_k)
 
 # %% ../../nbs/50_deploy.ipynb #25ac4f11

@@ -15,10 +15,13 @@ from torch import nn
 from ..core import ArtifactError, ConfigError, atomic_write, eval_mode, writable_dir
 from . import predictor
 from .converters import _check_forward, _example_input, _sample_shape
-from .runtimes import MissingPackageError, Runtime, _quiet, _require
+from .predictor import PteModel
+from .runtimes import ExecuTorchRuntime, MissingPackageError, _quiet, _require
+
+_all_ = ["PteModel", "ExecuTorchRuntime"]  # defined with the other formats (predictor, runtimes), offered here too
 
 # %% auto #0
-__all__ = ['export_executorch', 'export_executorch_int8', 'PteModel', 'ExecuTorchRuntime', 'make_pte', 'make_pte_int8']
+__all__ = ['export_executorch', 'export_executorch_int8', 'make_pte', 'make_pte_int8', 'PteModel', 'ExecuTorchRuntime']
 
 # %% ../../nbs/57_executorch.ipynb #f868e25e
 def _lower_and_write(ep, out:Path)->Path:
@@ -86,48 +89,6 @@ def export_executorch_int8(model:nn.Module, # a float PyTorch model or exported 
         g = convert_pt2e(g)
         ep = torch.export.export(g, (x,))
     return _lower_and_write(ep, out)
-
-# %% ../../nbs/57_executorch.ipynb #911be810
-class PteModel:
-    "A `.pte` ExecuTorch program in the ExecuTorch Python runtime (XNNPACK delegate), float32 in and out."
-    def __init__(self,
-                 path:str, # the .pte file
-                 threads:int=1, # requested CPU threads (recorded; ExecuTorch's pool is process-wide, see `pool_threads`)
-                ):
-        try:
-            from executorch.runtime import Runtime as _ETRuntime
-            from executorch.extension.pybindings import portable_lib
-        except ImportError:
-            raise predictor.MissingRuntimeError(f"running {os.path.basename(path)} needs executorch: pip install executorch") from None
-        try:
-            self.program = _ETRuntime.get().load_program(str(path))  # keep it: the method lives inside the program
-            self.method = self.program.load_method("forward")
-            meta = self.method.metadata
-        except Exception as e:
-            raise predictor.PredictError(f"cannot load {path} as an ExecuTorch program (truncated or corrupt?): {predictor.first_line(e)}") from e
-        if meta.num_inputs() != 1 or meta.num_outputs() != 1:
-            raise predictor.PredictError(f"{os.path.basename(path)} has {meta.num_inputs()} inputs and {meta.num_outputs()} outputs; one of each is supported")
-        inp = meta.input_tensor_meta(0)
-        if int(inp.dtype()) != 6:  # c10::ScalarType::Float
-            raise predictor.PredictError(f"{os.path.basename(path)} takes scalar type {inp.dtype()} inputs; only float32 inputs are supported")
-        sizes = tuple(int(s) for s in inp.sizes())
-        self.threads = int(threads)  # recorded only: see the note above
-        self.pool_threads = portable_lib._threadpool_get_thread_count()  # what XNNPACK actually uses
-        self.batch_size, self.input_shape = sizes[0], sizes[1:]
-        from importlib.metadata import version
-        self.version = version("executorch")
-        self.runtime = "executorch " + self.version
-
-    def run(self, x:np.ndarray)->np.ndarray:
-        "Logits of one batch of `batch_size` rows, as float32."
-        return np.asarray(self.method.execute([torch.from_numpy(x)])[0].numpy(), dtype=np.float32)
-
-# %% ../../nbs/57_executorch.ipynb #4fbd5f3f
-class ExecuTorchRuntime(Runtime):
-    "A `.pte` program run by the ExecuTorch runtime with the XNNPACK delegate."
-    name, format, opener, requirements = "executorch", "pte", PteModel, ("executorch",)
-    @property
-    def method(self): return self.model.method
 
 # %% ../../nbs/57_executorch.ipynb #c1c58bd7
 def make_pte(model, out, calibration=None, input_shape=None, opset=None)->Path:
