@@ -5,6 +5,7 @@
 # %% ../nbs/40_factorization.ipynb #2628c579
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Sequence
@@ -21,7 +22,8 @@ __all__ = ['BLOCKS', 'choose_rank', 'svd_linear', 'linear_cost', 'unfold', 'mode
            'tucker_conv', 'svd_conv', 'khatri_rao', 'cp_to_tensor', 'cp_als', 'cp_limit', 'cp_conv', 'evbmf',
            'plan_decomposition', 'decompose_model', 'lowrank_finetune', 'DecomposeCB', 'conv_bn_act',
            'DepthwiseSeparable', 'InvertedResidual', 'Fire', 'channel_shuffle', 'ShuffleUnit', 'measure_speed',
-           'make_block', 'LightNet', 'sample_arch', 'random_search']
+           'compare_speed', 'layer_times', 'make_block', 'LightNet', 'sample_arch', 'mutate_arch', 'search_arch',
+           'random_search']
 
 # %% ../nbs/40_factorization.ipynb #e311e981
 def choose_rank(s:torch.Tensor, # singular values in descending order
@@ -590,6 +592,82 @@ def measure_speed(model:nn.Module, # the model to time (eval mode inside, restor
             row["onnx_ms"] = time_calls(lambda: rt.predict(x), warmup, runs)["median_ms"]
     return row
 
+# %% ../nbs/40_factorization.ipynb #ff9a824a
+def compare_speed(models:dict, # name -> model; every model is timed in turn, round after round
+                  input_shape:Sequence[int], # one sample's shape, without batch
+                  rounds:int=20, # rounds; in each, every model (and runtime) gets `runs` consecutive calls
+                  runs:int=10, # timed calls per model and round
+                  warmup:int=5, # untimed calls of each model first
+                  onnx:bool=True, # also export each model to ONNX and time ONNX Runtime (1 thread), interleaved with eager
+                 )->dict: # name -> macs, and per runtime ('eager', 'onnx'): median, p10, p90 and min in ms
+    "Batch-1, single-thread latency of several models, interleaved (A, B, C, A, B, C, ...) so that load on a shared machine hits all alike."
+    import tempfile, time
+    from edgekd.core import eval_mode
+    from edgekd.profile import count_macs
+    check_number(rounds, "rounds", lo=1, integer=True); check_number(runs, "runs", lo=1, integer=True)
+    if not models: raise ConfigError("compare_speed needs at least one model, got none")
+    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
+    calls = {(k, "eager"): (lambda m=m: m(x)) for k, m in models.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        if onnx:
+            from edgekd.export import OnnxRuntime, export_onnx
+            for i, (k, m) in enumerate(models.items()):
+                rt = OnnxRuntime(export_onnx(m, input_shape, f"{tmp}/{i}.onnx"), threads=1)
+                calls[(k, "onnx")] = lambda rt=rt, xn=x.numpy(): rt.predict(xn)
+        times = {key: [] for key in calls}
+        with contextlib.ExitStack() as stack:
+            for m in models.values(): stack.enter_context(eval_mode(m))
+            stack.enter_context(num_threads(1)); stack.enter_context(torch.inference_mode())
+            for f in calls.values():
+                for _ in range(warmup): f()
+            for _ in range(rounds):
+                for key, f in calls.items():
+                    for _ in range(runs):
+                        t0 = time.perf_counter(); f(); times[key].append(time.perf_counter() - t0)
+    out = {k: dict(macs=count_macs(m, input_shape)) for k, m in models.items()}
+    for (k, rtn), ts in times.items():
+        ms = np.array(ts) * 1e3
+        out[k].update({f"{rtn}_ms": float(np.median(ms)), f"{rtn}_p10": float(np.percentile(ms, 10)),
+                       f"{rtn}_p90": float(np.percentile(ms, 90)), f"{rtn}_min": float(ms.min())})
+    return out
+
+# %% ../nbs/40_factorization.ipynb #957b6c39
+def layer_times(model:nn.Module, # an eager model
+                input_shape:Sequence[int], # one sample's shape, without batch
+                rounds:int=10, # rounds over all layers (interleaved)
+                runs:int=10, # timed calls per layer and round
+               )->list: # one dict per conv/linear layer: name, kind, macs, bytes, intensity, ms, gmacs
+    "Time every Conv/Linear layer of `model` alone at batch 1, one thread, on the input it sees in a forward pass, interleaved; with MACs and memory traffic."
+    import time
+    from edgekd.core import eval_mode
+    from edgekd.profile import count_macs
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
+    shapes, hooks = {}, []
+    for n, m in layers.items():
+        hooks.append(m.register_forward_hook(lambda mod, inp, out, n=n: shapes.__setitem__(n, (tuple(inp[0].shape), tuple(out.shape)))))
+    try:
+        with eval_mode(model), torch.no_grad(): model(torch.zeros(1, *input_shape))
+    finally:
+        for h in hooks: h.remove()
+    xs = {n: torch.randn(shapes[n][0], generator=torch.Generator().manual_seed(0)) for n in layers}
+    times = {n: [] for n in layers}
+    with num_threads(1), torch.inference_mode():
+        for n, m in layers.items():
+            for _ in range(3): m(xs[n])
+        for _ in range(rounds):
+            for n, m in layers.items():
+                for _ in range(runs):
+                    t0 = time.perf_counter(); m(xs[n]); times[n].append(time.perf_counter() - t0)
+    rows = []
+    for n, m in layers.items():
+        (i_shape, o_shape), macs = shapes[n], count_macs(m, shapes[n][0][1:])
+        kind = "linear" if isinstance(m, nn.Linear) else "depthwise" if m.groups > 1 and m.groups == m.in_channels else \
+               "pointwise" if math.prod(m.kernel_size) == 1 else "dense"
+        nbytes = 4 * (math.prod(i_shape) + math.prod(o_shape) + m.weight.numel())   # float32: read input and weights, write output
+        ms = float(np.median(times[n])) * 1e3
+        rows.append(dict(name=n, kind=kind, macs=macs, bytes=nbytes, intensity=macs / nbytes, ms=ms, gmacs=macs / ms / 1e6))
+    return rows
+
 # %% ../nbs/40_factorization.ipynb #96b4aa0b
 BLOCKS = ("ds", "ir", "fire", "shuffle")
 
@@ -638,32 +716,88 @@ def sample_arch(rng:np.random.Generator, # random generator
     return [(str(rng.choice(list(kinds))), w, 2 if i < 2 else 1) for i, w in enumerate(ws)]
 
 # %% ../nbs/40_factorization.ipynb #87fedff6
+def _fits(net:nn.Module, # a candidate
+          shape:tuple, # one sample's shape
+          max_macs:int|None, # MACs budget (None: none)
+          max_ms:float|None, # latency budget in ms, batch 1, one thread, eager median (None: none)
+         )->tuple: # (fits, macs, ms)
+    "Check a candidate against a MACs and/or a measured-latency budget (latency measured only if MACs fit)."
+    from edgekd.profile import benchmark_latency, count_macs
+    macs = count_macs(net, shape)
+    if max_macs is not None and macs > max_macs: return False, macs, None
+    ms = benchmark_latency(net, shape, threads=1, warmup=3, runs=20)["median_ms"] if max_ms is not None else None
+    return (ms is None or ms <= max_ms), macs, ms
+
+# %% ../nbs/40_factorization.ipynb #fc436ab3
+def mutate_arch(blocks:Sequence[tuple], # an architecture [(kind, channels, stride), ...]
+                rng:np.random.Generator, # random generator
+                depth:tuple=(2, 4), # smallest and largest number of blocks
+                widths:Sequence[int]=(16, 24, 32, 48, 64, 96), # channel choices
+                kinds:Sequence[str]=BLOCKS, # block kinds
+               )->list:
+    "A copy of `blocks` with one random change: a block's kind, a block's width, or one block added or removed (widths kept non-decreasing, first two blocks stride 2)."
+    kinds_, ws = [k for k, _, _ in blocks], [w for _, w, _ in blocks]
+    ops = ["kind", "width"] + (["add"] if len(ws) < depth[1] else []) + (["remove"] if len(ws) > depth[0] else [])
+    op, i = str(rng.choice(ops)), int(rng.integers(len(ws)))
+    if op == "kind": kinds_[i] = str(rng.choice([k for k in kinds if k != kinds_[i]] or list(kinds)))
+    elif op == "width": ws[i] = int(rng.choice([w for w in widths if w != ws[i]] or list(widths)))
+    elif op == "add": kinds_.insert(i, str(rng.choice(list(kinds)))); ws.insert(i, int(rng.choice(widths)))
+    else: del kinds_[i], ws[i]
+    return [(k, w, 2 if j < 2 else 1) for j, (k, w) in enumerate(zip(kinds_, sorted(ws)))]
+
+# %% ../nbs/40_factorization.ipynb #835f7554
+def search_arch(dls, # `DataLoaders` with `.train` and `.valid`; candidates are scored on `.valid`
+                teacher:nn.Module, # distillation teacher of every candidate
+                max_macs:int|None=None, # MACs budget: candidates above it are rejected before training
+                max_ms:float|None=None, # latency budget (ms, batch 1, one thread, eager median): candidates above it are rejected before training
+                strategy:str="evolution", # 'random': independent samples; 'evolution': `population` random ones, then mutations of the best
+                n_candidates:int=8, # architectures trained and scored in all
+                population:int=4, # evolution: random candidates first, and the number of best ones mutated
+                epochs:int=2, # distillation epochs per candidate (short: a proxy score)
+                lr:float=3e-3, # peak one-cycle learning rate
+                seed:int=0, # seeds the sampling and the training
+                progress:bool=False, # a progress bar over candidates
+                **space, # options of `sample_arch`: depth, widths, kinds
+               )->list: # one dict per candidate (blocks, macs, ms, params, valid_accuracy, model), best first
+    "Random or evolutionary search over `LightNet` architectures under a MACs and/or measured-latency budget, candidates scored by a short distillation on the validation split."
+    from edgekd.experiment import track
+    from edgekd.kd import DistillationCB
+    from edgekd.learner import Learner, SchedulerCB
+    from edgekd.profile import count_params
+    check_choice(strategy, "strategy", ("random", "evolution"))
+    if max_macs is None and max_ms is None: raise ConfigError("give a budget: max_macs, max_ms or both")
+    if getattr(dls, "valid", None) is None: raise ConfigError("the search scores candidates on dls.valid, but dls has no validation split")
+    check_number(n_candidates, "n_candidates", lo=1, integer=True); check_number(population, "population", lo=1, integer=True)
+    rng, rows, seen = np.random.default_rng(seed), [], set()
+    for i in track(range(n_candidates), f"{strategy} search", enable=progress):
+        for _ in range(1000):
+            if strategy == "random" or i < population: blocks = sample_arch(rng, **space)
+            else:
+                best = sorted(rows, key=lambda r: -r["valid_accuracy"])[:population]
+                blocks = mutate_arch(best[int(rng.integers(len(best)))]["blocks"], rng, **space)
+            if strategy == "evolution" and str(blocks) in seen: continue
+            set_seed(seed + i); net = LightNet(dls.input_shape, dls.n_classes, blocks)
+            ok, macs, ms = _fits(net, dls.input_shape, max_macs, max_ms)
+            if ok: break
+        else: raise ConfigError(f"no architecture of the search space fits the budget max_macs={max_macs}, max_ms={max_ms}")
+        seen.add(str(blocks))
+        learn = Learner(net, dls, lr=lr, cbs=[SchedulerCB("onecycle"), DistillationCB(teacher)], progress=False)
+        learn.fit(epochs)
+        rows.append(dict(blocks=blocks, macs=macs, ms=ms, params=count_params(net), valid_accuracy=learn.evaluate(dls.valid)["accuracy"],
+                         step=i, model=net.eval()))
+    return sorted(rows, key=lambda r: -r["valid_accuracy"])
+
+# %% ../nbs/40_factorization.ipynb #36e006a3
 def random_search(dls, # `DataLoaders` with `.train` and `.valid`; candidates are scored on `.valid`
                   teacher:nn.Module, # distillation teacher of every candidate
-                  max_macs:int, # budget: candidates above it are rejected before training
+                  max_macs:int|None, # budget: candidates above it are rejected before training (None: use `max_ms` only)
                   n_candidates:int=8, # architectures trained and scored
                   epochs:int=2, # distillation epochs per candidate (short: a proxy score)
                   lr:float=3e-3, # peak one-cycle learning rate
                   seed:int=0, # seeds the sampling and the training
                   progress:bool=False, # a progress bar over candidates
+                  max_ms:float|None=None, # latency budget in ms (batch 1, one thread, eager median), None: none
                   **space, # options of `sample_arch`: depth, widths, kinds
-                 )->list: # one dict per candidate (blocks, macs, params, valid_accuracy), best first
-    "Random search over `LightNet` architectures under a MACs budget, each scored by a short distillation on the validation split."
-    from edgekd.experiment import track
-    from edgekd.kd import DistillationCB
-    from edgekd.learner import Learner, SchedulerCB
-    from edgekd.profile import count_macs, count_params
-    if getattr(dls, "valid", None) is None: raise ConfigError("random_search scores candidates on dls.valid, but dls has no validation split")
-    check_number(n_candidates, "n_candidates", lo=1, integer=True)
-    rng, rows = np.random.default_rng(seed), []
-    for i in track(range(n_candidates), "search", enable=progress):
-        for _ in range(1000):
-            blocks = sample_arch(rng, **space)
-            set_seed(seed + i); net = LightNet(dls.input_shape, dls.n_classes, blocks)
-            macs = count_macs(net, dls.input_shape)
-            if macs <= max_macs: break
-        else: raise ConfigError(f"no architecture of the search space fits max_macs={max_macs}")
-        learn = Learner(net, dls, lr=lr, cbs=[SchedulerCB("onecycle"), DistillationCB(teacher)], progress=False)
-        learn.fit(epochs)
-        rows.append(dict(blocks=blocks, macs=macs, params=count_params(net), valid_accuracy=learn.evaluate(dls.valid)["accuracy"], model=net.eval()))
-    return sorted(rows, key=lambda r: -r["valid_accuracy"])
+                 )->list: # one dict per candidate (blocks, macs, ms, params, valid_accuracy, model), best first
+    "Random search over `LightNet` architectures under a MACs (and/or latency) budget: `search_arch(strategy='random')`."
+    return search_arch(dls, teacher, max_macs, max_ms, "random", n_candidates, 1, epochs, lr, seed, progress, **space)

@@ -118,3 +118,94 @@ def test_decompose_model_and_bad_input(tmp_path):
     for kw, msg in bad:
         with pytest.raises(ConfigError, match=None) as e: fz.decompose_model(m, **kw)
         assert msg in str(e.value), (kw, str(e.value))
+
+
+def _one_line_error(fn, contains):
+    with pytest.raises(ConfigError) as e: fn()
+    msg = str(e.value)
+    assert contains in msg, msg
+    assert "\n" not in msg, f"error message spans several lines: {msg!r}"
+
+
+def test_bad_inputs_are_one_line_errors():
+    from edgekd.models import CNN
+    torch.manual_seed(0)
+    m = CNN((1, 10, 10), 4, channels=(6, 12, 20)).eval()
+    lin, conv = nn.Linear(9, 7), nn.Conv2d(5, 8, 3)
+    cases = [
+        (lambda: fz.svd_linear(lin, rank=0), "rank for the layer must be an integer in 1..7, got 0"),
+        (lambda: fz.svd_linear(lin, rank=8), "in 1..7, got 8"),
+        (lambda: fz.svd_linear(lin, energy=0), "energy must be > 0, got 0"),
+        (lambda: fz.svd_linear(lin, energy=1.01), "energy must be <= 1, got 1.01"),
+        (lambda: fz.svd_linear(conv, rank=2), "svd decomposes nn.Linear layers; the layer is Conv2d"),
+        (lambda: fz.tucker_conv(conv, (0, 2)), "output channels of the layer must be an integer in 1..8, got 0"),
+        (lambda: fz.tucker_conv(conv, (2, 6)), "input channels of the layer must be an integer in 1..5, got 6"),
+        (lambda: fz.tucker_conv(nn.LSTM(3, 3), (1, 1)), "tucker decomposes Conv1d and Conv2d layers; the layer is LSTM"),
+        (lambda: fz.cp_conv(conv, 0), "CP rank of the layer must be an integer in 1..45, got 0"),
+        (lambda: fz.cp_conv(conv, 46), "in 1..45, got 46"),
+        (lambda: fz.decompose_model(m, "cp", rank=0), "CP rank of 'features.1.conv' must be an integer in 1..54, got 0"),
+        (lambda: fz.decompose_model(m, "tucker", rank=(13, 2), layers=["features.1.conv"]), "in 1..12, got 13"),
+        (lambda: fz.decompose_model(m, "svd", energy=-0.1), "energy must be > 0, got -0.1"),
+        (lambda: fz.decompose_model(m, "tucker", rank="energy", energy=3), "energy must be <= 1, got 3"),
+        (lambda: fz.decompose_model(m, "cp", rank=2, layers=["features.0.bn"]), "method 'cp' cannot decompose 'features.0.bn' (BatchNorm2d)"),
+        (lambda: fz.decompose_model(m, "svd", rank=2, layers=["head.7"]), "no layer named 'head.7' in the model"),
+        (lambda: fz.lowrank_finetune(m, None, rank="energy", energy=0.0), "energy must be > 0, got 0.0"),
+    ]
+    for fn, msg in cases: _one_line_error(fn, msg)
+
+
+def test_count_macs_matches_flop_counter_on_factorized_models_and_blocks():
+    from torch.utils.flop_counter import FlopCounterMode
+    from edgekd.models import CNN
+    from edgekd.profile import count_macs
+    def flop_macs(model, shape):
+        with FlopCounterMode(display=False) as fc, torch.no_grad(): model.eval()(torch.zeros(1, *shape))
+        return fc.get_total_flops() // 2
+    torch.manual_seed(0)
+    m = CNN((1, 14, 14), 5, channels=(8, 16, 24)).eval()
+    models = [m, fz.decompose_model(m, "tucker", energy=0.6), fz.decompose_model(m, "cp", rank=5, n_iter=5), fz.decompose_model(m, "auto", rank="vbmf"),
+              fz.LightNet((1, 14, 14), 5, [("fire", 16, 2), ("shuffle", 24, 2), ("ir", 24, 1), ("ds", 32, 1)])]
+    for model in models: assert count_macs(model, (1, 14, 14)) == flop_macs(model, (1, 14, 14))
+    # a Tucker layer by hand: 1x1 (c_in -> r_in), k x k core (r_in -> r_out), 1x1 (r_out -> c_out) per output position
+    t = fz.tucker_conv(nn.Conv2d(16, 24, 3, padding=1), (6, 4))
+    assert count_macs(t, (16, 9, 9)) == 81 * (16 * 4 + 4 * 6 * 9 + 6 * 24)
+
+
+def test_compare_speed_and_layer_times():
+    from edgekd.models import CNN
+    from edgekd.profile import count_macs
+    torch.manual_seed(0)
+    m = CNN((1, 12, 12), 4, channels=(8, 16)).eval()
+    d = fz.decompose_model(m, "cp", rank=4, n_iter=5)
+    r = fz.compare_speed({"a": m, "b": d}, (1, 12, 12), rounds=2, runs=3, warmup=1, onnx=False)
+    assert set(r) == {"a", "b"} and r["b"]["macs"] == count_macs(d, (1, 12, 12))
+    for v in r.values(): assert v["eager_min"] <= v["eager_p10"] <= v["eager_ms"] <= v["eager_p90"]
+    rows = fz.layer_times(d, (1, 12, 12), rounds=1, runs=2)
+    assert sum(x["macs"] for x in rows) == count_macs(d, (1, 12, 12))     # only convs and linears do MACs here
+    assert [x["kind"] for x in rows] == ["dense", "pointwise", "depthwise", "depthwise", "pointwise", "linear"]
+    dw = next(x for x in rows if x["kind"] == "depthwise")                # (3, 1) depthwise on 4 channels at 6x6
+    assert dw["bytes"] == 4 * (4 * 6 * 6 * 2 + 4 * 3) and dw["macs"] == 4 * 6 * 6 * 3
+    with pytest.raises(ConfigError, match="compare_speed needs at least one model"): fz.compare_speed({}, (1, 12, 12))
+
+
+def test_mutate_and_search_respect_budget():
+    import numpy as np
+    from edgekd.data import get_loaders
+    from edgekd.models import CNN
+    from edgekd.profile import count_macs
+    rng = np.random.default_rng(5)
+    a = fz.sample_arch(rng)
+    for _ in range(30):
+        b = fz.mutate_arch(a, rng)
+        assert b != a and 2 <= len(b) <= 4 and [w for _, w, _ in b] == sorted(w for _, w, _ in b)
+        assert [s for *_, s in b] == [2, 2, 1, 1][:len(b)]
+        a = b
+    dls = get_loaders("digits", batch_size=128, seed=1)
+    teacher = CNN(dls.input_shape, 10, channels=(8, 8)).eval()
+    rows = fz.search_arch(dls, teacher, max_macs=60_000, strategy="evolution", n_candidates=3, population=2, epochs=1, seed=3, widths=(16, 24))
+    assert len(rows) == 3 and len({str(r["blocks"]) for r in rows}) == 3
+    assert all(r["macs"] == count_macs(r["model"], dls.input_shape) <= 60_000 for r in rows)
+    assert [r["valid_accuracy"] for r in rows] == sorted((r["valid_accuracy"] for r in rows), reverse=True)
+    slow = fz.search_arch(dls, teacher, max_ms=1e3, strategy="random", n_candidates=1, epochs=1, seed=0, widths=(16,))
+    assert slow[0]["ms"] is not None and slow[0]["ms"] <= 1e3
+    with pytest.raises(ConfigError, match="give a budget"): fz.search_arch(dls, teacher)
