@@ -636,20 +636,23 @@ class MultiDistillCB(Callback):
         self.log_vars = nn.Parameter(torch.zeros(len(losses))) if self.weighting == "uncertainty" else None
         self.scale, self.s_hooks, self.t_hooks = None, None, None
 
-    def _pairs_per_loss(self, feature_pairs)->dict:
-        feat = [k for k, l in self.losses.items() if l.uses_features]
-        if isinstance(feature_pairs, dict):
-            extra = [k for k in feature_pairs if k not in feat]
-            if extra: raise ConfigError(f"feature_pairs given for {extra}, which are not feature losses; feature losses: {feat}")
-            pairs = {k: _check_pairs(v, f"feature_pairs[{k!r}]") for k, v in feature_pairs.items()}
-        else:
-            shared = [] if feature_pairs is None else _check_pairs(feature_pairs, "feature_pairs")
-            pairs = {k: shared for k in feat}
-        for k in feat:
-            if not pairs.get(k):
-                raise ConfigError(f"loss {k!r} ({type(self.losses[k]).__name__}) compares features: give feature_pairs, "
-                                  f"e.g. [('features.1', 'features.1')] (see propose_pairs)")
-        return pairs
+# %% ../nbs/11_kd_losses.ipynb #2f3a8cf8
+@patch
+def _pairs_per_loss(self:MultiDistillCB, feature_pairs)->dict:
+    "Feature-layer pairs per feature loss, checked: one shared list, or a dict per loss name."
+    feat = [k for k, l in self.losses.items() if l.uses_features]
+    if isinstance(feature_pairs, dict):
+        extra = [k for k in feature_pairs if k not in feat]
+        if extra: raise ConfigError(f"feature_pairs given for {extra}, which are not feature losses; feature losses: {feat}")
+        pairs = {k: _check_pairs(v, f"feature_pairs[{k!r}]") for k, v in feature_pairs.items()}
+    else:
+        shared = [] if feature_pairs is None else _check_pairs(feature_pairs, "feature_pairs")
+        pairs = {k: shared for k in feat}
+    for k in feat:
+        if not pairs.get(k):
+            raise ConfigError(f"loss {k!r} ({type(self.losses[k]).__name__}) compares features: give feature_pairs, "
+                              f"e.g. [('features.1', 'features.1')] (see propose_pairs)")
+    return pairs
 
 # %% ../nbs/11_kd_losses.ipynb #efccff41
 @patch
@@ -698,6 +701,7 @@ def before_fit(self:MultiDistillCB, learn):
     for p in self.teacher.parameters(): p.requires_grad_(False)
     self._attach(learn)
 
+# %% ../nbs/11_kd_losses.ipynb #c01a6b78
 @patch
 def _attach(self:MultiDistillCB, learn):
     "Hook `learn.model` and the teacher, (re)build the losses for the current feature shapes, join the optimizer."
@@ -724,6 +728,7 @@ def _attach(self:MultiDistillCB, learn):
     if params and not any(id(p) in have for p in params): learn.opt.add_param_group({"params": params})
     self.losses.train()
 
+# %% ../nbs/11_kd_losses.ipynb #4a92706e
 @patch
 def _unhook(self:MultiDistillCB):
     for h in (self.s_hooks, self.t_hooks):
@@ -742,9 +747,11 @@ def terms(self:MultiDistillCB, s_out, xb, targets)->dict:
         out[k] = l(s_out, t_out, [self.s_hooks[s] for s, _ in ps], [self.t_hooks[t] for _, t in ps], targets)
     return out
 
+# %% ../nbs/11_kd_losses.ipynb #0cb9c63d
 @patch
 def before_epoch(self:MultiDistillCB, learn): self._sums, self._n = {}, 0
 
+# %% ../nbs/11_kd_losses.ipynb #3769d220
 @patch
 def after_loss(self:MultiDistillCB, learn):
     if not learn.training: return
@@ -755,17 +762,20 @@ def after_loss(self:MultiDistillCB, learn):
     n = len(learn.xb); self._n += n
     for k, v in terms.items(): self._sums[k] = self._sums.get(k, 0.0) + float(v.detach()) * n
 
+# %% ../nbs/11_kd_losses.ipynb #e745c9ca
 @patch
 def after_epoch(self:MultiDistillCB, learn):
     if not learn.history or not self._n: return
     learn.history[-1].update({f"loss_{k}": v / self._n for k, v in self._sums.items()})
     if self.weighting != "fixed": learn.history[-1].update({f"w_{k}": w for k, w in self.effective_weights().items()})
 
+# %% ../nbs/11_kd_losses.ipynb #12c21b56
 @patch
 def after_replace_model(self:MultiDistillCB, learn):
     "The student was swapped mid-fit: hook the new one, rebuild adapters whose shapes changed, join the new optimizer."
     self._attach(learn)
 
+# %% ../nbs/11_kd_losses.ipynb #e03c7d91
 @patch
 def cleanup(self:MultiDistillCB, learn):
     "Runs when fit ends, even after an error: remove every hook and restore the teacher's `requires_grad` flags."

@@ -79,6 +79,7 @@ def paired_gains(runs:list, # rows of the "losses" experiment (dataset, method, 
 _FAMILY_COLORS = {"response": "C0", "feature": "C1", "relation": "C2", "online": "C3", "self": "C4",
                   "adaptive": "C5", "adversarial": "C6"}
 
+# %% ../../nbs/11a_kd_losses_experiments.ipynb #ba984f23
 def plot_losses_benchmark(paired:list, # rows of `paired_gains(runs, 'test')`
                           table:list, # summary rows of the "losses" experiment (for the titles)
                          ):
