@@ -74,7 +74,7 @@ def _n_correct(preds, targ):
 
 # %% ../nbs/03_learner.ipynb #2370439f
 class MetricsCB(Callback):
-    "Append one record per epoch to `learn.history`: epoch (1-based), train_loss, valid_loss, valid_accuracy, seconds, lr."
+    "Append one record per epoch to `learn.history`: epoch (1-based), train_loss, valid_loss, valid_accuracy, seconds, lr (summed over all ranks of a data-parallel fit)."
     order = -10
     def before_fit(self, learn): learn.history = []
     def before_epoch(self, learn):
@@ -88,6 +88,10 @@ class MetricsCB(Callback):
         s = self.sums[bool(learn.training)]
         s[0] += _item(learn.loss) * n; s[1] += n
     def after_epoch(self, learn):
+        reduce = getattr(learn, 'reduce_sum', None)       # sums over all processes of a data-parallel fit
+        if reduce is not None:
+            t0, t1, v0, v1, self.correct, self.labeled = reduce([*self.sums[True], *self.sums[False], self.correct, self.labeled])
+            self.sums = {True: [t0, t1], False: [v0, v1]}
         mean = lambda s: s[0] / s[1] if s[1] else None
         opt = getattr(learn, 'opt', None)
         learn.history.append(dict(epoch=learn.epoch + 1, train_loss=mean(self.sums[True]), valid_loss=mean(self.sums[False]),
@@ -141,7 +145,7 @@ def want_bars()->bool:
 
 # %% ../nbs/03_learner.ipynb #09b0b756
 class ProgressCB(Callback):
-    "Show progress: tqdm bars in a terminal or notebook, otherwise one plain line per epoch; optionally plot the losses."
+    "Show progress: tqdm bars in a terminal or notebook, otherwise one plain line per epoch; optionally plot the losses. Silent on ranks other than 0."
     order = 50
     def __init__(self, plain:bool|None=None, # True: plain lines; False: tqdm bars; None: bars only in a terminal or notebook
                  plot:bool=False, # draw the loss curves at the end of `fit` (the figure is kept in `self.fig`)
@@ -158,16 +162,17 @@ class ProgressCB(Callback):
 
     def before_fit(self, learn):
         self._close()
+        self.silent = getattr(learn, 'rank', 0) != 0          # in a data-parallel fit, only rank 0 reports
         self.use_plain = self.plain if self.plain is not None else not want_bars()
         self.losses, self.printed, self.fig = [], 0, None
-        if not self.use_plain:
+        if not self.use_plain and not self.silent:
             if _in_notebook(): from tqdm.auto import tqdm
             else: from tqdm import tqdm
             self.tqdm = tqdm
             self.ebar = tqdm(total=learn.n_epochs, desc='epochs', unit='epoch')
 
     def _start_bar(self, learn, desc):
-        if self.use_plain: return
+        if self.use_plain or self.silent: return
         try: total = len(learn.dl)
         except TypeError: total = None
         self.bar = self.tqdm(total=total, desc=desc, leave=False)
@@ -185,6 +190,7 @@ class ProgressCB(Callback):
     def after_validate(self, learn): self._end_bar()
 
     def _emit(self, learn):
+        if self.silent: return
         for rec in learn.history[self.printed:]:
             line = format_record(rec, learn.n_epochs)
             if self.use_plain: print(line, file=self.file or sys.stdout, flush=True)
@@ -195,7 +201,7 @@ class ProgressCB(Callback):
         if self.ebar is not None: self.ebar.update(1)
     def after_fit(self, learn):
         self._emit(learn); self._close()
-        if self.plot: self.fig = plot_history(learn.history, self.losses)
+        if self.plot and not self.silent: self.fig = plot_history(learn.history, self.losses)
 
 # %% ../nbs/03_learner.ipynb #13a5e730
 def _check_cbs(cbs)->list:
@@ -253,6 +259,7 @@ class Learner:
         self.epoch = self.n_epochs = self.iter = 0
         self.batch = self.xb = self.preds = self.loss = None
         self.yb = ()
+        self.rank, self.world_size, self.parallel_model = 0, 1, None   # set by a data-parallel callback (chapter 63)
 
     @property
     def valid_dl(self):
@@ -303,7 +310,8 @@ _NO_LOSS = ("no loss to backpropagate: the batch has no labels (learn.yb is empt
 
 @patch
 def _do_batch(self:Learner):
-    self.preds = self.model(self.xb)
+    fwd = self.parallel_model if self.training and self.parallel_model is not None else self.model
+    self.preds = fwd(self.xb)
     self('after_pred')
     self.loss = self.loss_func(self.preds, *self.yb) if self.yb else None
     self('after_loss')
@@ -563,7 +571,7 @@ class EarlyStoppingCB(TrackerCB):
 
 # %% ../nbs/03_learner.ipynb #cc07d1e0
 class CheckpointCB(TrackerCB):
-    "Save the model (architecture and weights, `Learner.save`) to `path` whenever the monitored value improves."
+    "Save the model (architecture and weights, `Learner.save`) to `path` whenever the monitored value improves; only rank 0 writes."
     order = 65
     def __init__(self, path:str|Path, # model file, overwritten atomically at each improvement
                  monitor:str='valid_accuracy', # history key to watch
@@ -577,5 +585,17 @@ class CheckpointCB(TrackerCB):
         writable_dir(self.path.parent, "folder of the checkpoint")
         self.saved_epochs = []
     def after_epoch(self, learn):
-        if self._improved(learn):
+        if self._improved(learn) and getattr(learn, 'rank', 0) == 0:
             learn.save(self.path); self.saved_epochs.append(self.best_epoch)
+
+# %% ../nbs/03_learner.ipynb #f35074c7
+@patch
+def reduce_sum(self:Learner, values:list, # numbers to add up over all ranks, e.g. [loss_sum, count]
+              )->list: # the sums (floats), identical on every rank
+    "Sum each of `values` over the ranks of a data-parallel fit (one float64 all-reduce); in a single process, the values themselves."
+    if self.world_size == 1: return [float(v) for v in values]
+    import torch.distributed as dist
+    dev = self.device if dist.get_backend() == 'nccl' else torch.device('cpu')   # NCCL reduces GPU tensors only
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.tolist()

@@ -208,3 +208,45 @@ def test_load_rejects_another_architecture(tmp_path):
         b.load(f)
     b.load(f, replace=True)
     assert b.model.features[1].weight.shape == (8, 2)
+
+
+def test_parallel_model_runs_training_batches_only_and_single_process_is_unchanged():
+    "`learn.parallel_model` (a DDP wrapper in chapter 63) runs the training forward passes; validation and evaluation use `learn.model`."
+    set_seed(0)
+    dls = blob_dls()
+    model = MLP((2,), 4, widths=(8,))
+    calls = {"wrapper": 0}
+    class Wrapper(nn.Module):
+        def __init__(self, m): super().__init__(); self.m = m
+        def forward(self, x): calls["wrapper"] += 1; return self.m(x)
+    learn = Learner(model, dls, progress=False)
+    assert (learn.rank, learn.world_size, learn.parallel_model) == (0, 1, None)
+    assert learn.reduce_sum([1, 2.5]) == [1.0, 2.5]
+    learn.parallel_model = Wrapper(model)
+    learn.fit(1)
+    assert calls["wrapper"] == len(dls.train)
+    set_seed(0)
+    ref = Learner(MLP((2,), 4, widths=(8,)), blob_dls(), progress=False)
+    ref.fit(1)
+    for a, b in zip(weights(ref.model), weights(model)): assert torch.equal(a, b)
+
+
+def test_metrics_are_reduced_and_only_rank_0_reports(tmp_path):
+    import io
+    from edgekd.learner import CheckpointCB, ProgressCB
+    set_seed(0)
+    out, ck = io.StringIO(), CheckpointCB(tmp_path/"best.pt")
+    learn = Learner(MLP((2,), 4, widths=(8,)), blob_dls(), progress=False, cbs=[ProgressCB(plain=True, file=out), ck])
+    seen = []
+    def fake_reduce(values):
+        seen.append(list(values))
+        return [v * 2 for v in values]        # the other rank had identical counts: means are unchanged
+    learn.rank, learn.world_size, learn.reduce_sum = 1, 2, fake_reduce
+    learn.fit(2)
+    assert out.getvalue() == "" and ck.saved_epochs == [] and list(tmp_path.iterdir()) == []
+    assert len(seen) == 2 and len(seen[0]) == 6 and seen[0][1] == 358 and seen[0][5] == 90   # train count, labeled valid count
+    set_seed(0)
+    ref = Learner(MLP((2,), 4, widths=(8,)), blob_dls(), progress=False)
+    ref.fit(2)
+    for a, b in zip(learn.history, ref.history):
+        for k in ("train_loss", "valid_loss", "valid_accuracy"): assert a[k] == pytest.approx(b[k], rel=1e-12)
