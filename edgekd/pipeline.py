@@ -19,22 +19,25 @@ import torch
 from torch import nn
 
 import edgekd
-from .core import (ArtifactError, ConfigError, ShapeError, atomic_dir, atomic_write, check_choice, check_number, eval_mode,
+from .core import (ArtifactError, ConfigError, DataNotFoundError, ShapeError, atomic_dir, atomic_write, check_choice, check_number, eval_mode,
                          get_device, is_exported, num_threads, set_seed)
-from .data import DataLoaders, get_loaders, list_datasets
-from .models import get_model, list_models, save_model
+from .data import DataLoaders, from_tensors, get_loaders, list_datasets
+from .models import copy_model, get_model, list_models, save_model
 from .learner import Learner, SchedulerCB
 from .kd import DistillationCB
 from .profile import benchmark_latency, format_table, plot_tradeoff, profile_model, time_calls
 
 # %% auto #0
-__all__ = ['TRANSFER_N', 'TRANSFER_EPOCHS', 'DATASET_DEFAULTS', 'STAGES', 'ENERGY_PJ_45NM', 'COMPRESSION', 'RECIPE_OPTIONS',
-           'option', 'loss_names', 'RunConfig', 'Stage', 'register_stage', 'list_stages', 'Run', 'check_model_fits',
-           'macro_f1', 'energy_estimate', 'record_model', 'train_and_record', 'build_model', 'stage_teacher',
-           'stage_student', 'distill_callbacks', 'transfer_loader', 'stage_distill', 'compression_fn', 'stage_prune',
-           'stage_lowrank', 'stage_quantize', 'stage_export', 'stage_arm', 'plan_stages', 'load_recipe',
+__all__ = ['TRANSFER_N', 'TRANSFER_EPOCHS', 'MNIST1D_TEACHER', 'MNIST1D_STUDENT', 'DATASET_DEFAULTS', 'STAGES',
+           'IMAGE_FOLDER_LAYOUT', 'ENERGY_PJ_45NM', 'COMPRESSION', 'ARM_INSTALL', 'RECIPE_OPTIONS', 'STAGE_KEYS',
+           'REPORT_COLUMNS', 'LATENCY_COLUMNS', 'option', 'loss_names', 'RunConfig', 'Stage', 'register_stage',
+           'list_stages', 'Run', 'check_model_fits', 'model_source', 'ImageClassifier', 'make_model',
+           'image_folder_loaders', 'check_dataset', 'load_data', 'macro_f1', 'energy_estimate', 'stage_setting',
+           'record_model', 'train_and_record', 'build_model', 'stage_teacher', 'stage_student', 'distill_callbacks',
+           'transfer_loader', 'stage_distill', 'compression_fn', 'stage_prune', 'stage_lowrank', 'stage_quantize',
+           'stage_export', 'stage_arm', 'runtime_latency', 'measure_runtimes', 'plan_stages', 'load_recipe',
            'resolve_config', 'kd_summary', 'final_summary', 'seeds_summary', 'repeat_seeds', 'render_markdown',
-           'headline', 'stagger_labels', 'pareto_front', 'plot_pareto', 'write_report', 'run_pipeline']
+           'summary_lines', 'pareto_front', 'plot_pareto', 'write_report', 'run_pipeline']
 
 # %% ../nbs/60_pipeline.ipynb #691ad4af
 def option(default=None, # default value; a list or dict is copied for each new config
@@ -51,11 +54,17 @@ def option(default=None, # default value; a list or dict is copied for each new 
 # %% ../nbs/60_pipeline.ipynb #abef7ab2
 TRANSFER_N = 20_000  # fresh MNIST-1D signals in the default transfer set
 TRANSFER_EPOCHS = 20  # epochs per model on MNIST-1D
+MNIST1D_TEACHER = {"channels": (32, 64, 256)}  # three conv blocks (the receptive field MNIST-1D needs), a wide last one
+MNIST1D_STUDENT = {"channels": (8, 16, 32)}  # a small depthwise-separable student, int8 after the quantize stage
 
 # %% ../nbs/60_pipeline.ipynb #bc6299a6
-DATASET_DEFAULTS = {  # per-dataset training defaults, sized so `edgekd run` stays within minutes on a laptop CPU
-    "digits":  dict(epochs=30, lr=3e-3, batch_size=64, transfer=0),
-    "mnist1d": dict(epochs=TRANSFER_EPOCHS, lr=3e-3, batch_size=128, transfer=TRANSFER_N),
+DATASET_DEFAULTS = {  # per-dataset defaults: training, models and the compression chain, sized so `edgekd run` takes minutes on a laptop CPU
+    "digits":  dict(epochs=30, lr=3e-3, batch_size=64, transfer=0, teacher="cnn", teacher_kwargs={},
+                    student="mlp", student_kwargs={"widths": (32,)}, quantize=None),
+    "mnist1d": dict(epochs=TRANSFER_EPOCHS, lr=3e-3, batch_size=128, transfer=TRANSFER_N, teacher="cnn", teacher_kwargs=MNIST1D_TEACHER,
+                    student="dscnn", student_kwargs=MNIST1D_STUDENT, quantize="ptq"),
+    "images":  dict(epochs=10, lr=3e-3, batch_size=64, transfer=0, teacher="cnn", teacher_kwargs={},   # any other dataset
+                    student="dscnn", student_kwargs={}, quantize=None),
 }
 
 # %% ../nbs/60_pipeline.ipynb #7f63c786
@@ -68,31 +77,37 @@ def loss_names()->list:
 @dataclass
 class RunConfig:
     "Every option of `edgekd run`; `None` means the dataset's default from `DATASET_DEFAULTS`."
-    dataset: str = option("mnist1d", "dataset name", choices=lambda: list_datasets())
+    dataset: str = option("mnist1d", "dataset: a registered name, torchvision:NAME (MNIST, FashionMNIST, CIFAR10) or "
+                          "imagefolder:PATH (PATH/train/CLASS/*.png, PATH/test/CLASS/*.png, optional PATH/val)",
+                          choices=lambda: list_datasets())
     out: str = option("edgekd-run", "output folder, replaced only when the run succeeds")
     seed: int = option(0, "seed for weights, shuffling and dropout")
     seeds: list[int]|None = option(None, "several seeds: teacher, student and distill are repeated for each and the KD gain "
                                    "is reported as mean ± std; the first seed's run is the one compressed and exported")
-    epochs: int|None = option(None, "epochs for each model trained; default: the dataset's")
-    lr: float|None = option(None, "peak learning rate of the one-cycle schedule; default: the dataset's")
+    epochs: int|None = option(None, "epochs for each model trained; default: the dataset's (a recipe can set them per stage)")
+    lr: float|None = option(None, "peak learning rate of the one-cycle schedule; default: the dataset's (a recipe can set it per stage)")
     batch_size: int|None = option(None, "training batch size; default: the dataset's")
-    teacher: str = option("cnn", "teacher architecture", choices=lambda: list_models())
-    student: str = option("mlp", "student architecture", choices=lambda: list_models())
-    teacher_kwargs: dict = option({}, "extra constructor arguments for the teacher", cli=False)
-    student_kwargs: dict = option({"widths": (32,)}, "extra constructor arguments for the student (a deliberately small MLP)", cli=False)
+    teacher: str|None = option(None, "teacher: a zoo name (cnn, dscnn, mlp), torchvision:NAME (random init, e.g. torchvision:resnet18) "
+                               "or FILE.py:FUNCTION returning an nn.Module; default: the dataset's")
+    student: str|None = option(None, "student, same forms as --teacher (e.g. torchvision:mobilenet_v3_small); default: the dataset's")
+    teacher_kwargs: dict|None = option(None, "constructor arguments for the teacher (None: the dataset's default for a zoo teacher)", cli=False)
+    student_kwargs: dict|None = option(None, "constructor arguments for the student (None: the dataset's default for a zoo student)", cli=False)
+    image_size: int|None = option(None, "imagefolder datasets: resize every image to this square size; default: the first image's size")
     loss: str = option("kd", "distillation loss of the distill stage", choices=lambda: loss_names())
     transfer: int|None = option(None, "fresh unlabeled inputs generated for the distill stage (mnist1d only): the student "
                                 "learns the teacher's soft targets on the training inputs plus these; default: the dataset's")
     temperature: float = option(4.0, "distillation temperature T of the kd loss")
     alpha: float = option(0.9, "weight of the soft-target term of the kd loss, in [0, 1] (with a transfer set: 1, there are no labels)")
     recipe: str|None = option(None, "a TOML or JSON recipe file: the stages in order, with their options (see the pipeline chapter)")
-    stages: list[str]|None = option(None, "stages to run, in order; default: teacher student distill, then the "
-                                    "compression stages asked for, export and arm", choices=lambda: list_stages())
+    stages: list[str]|None = option(None, "stages to run, in order; default: the dataset's chain (teacher student distill, "
+                                    "its compression stages, export, arm)", choices=lambda: list_stages())
+    stage_options: dict = option({}, "per-stage settings from a recipe: {stage: {'epochs': ..., 'lr': ...}}", cli=False)
     prune: float|None = option(None, "prune the current model to this sparsity in (0, 1) (edgekd.prune.prune_finetune)")
     prune_method: str = option("l1-structured", "pruning criterion passed to prune_finetune")
     lowrank: str|None = option(None, "factorize the current model, ranks chosen by energy or vbmf (edgekd.factorize.lowrank_finetune)",
                                choices=("energy", "vbmf"))
-    quantize: str|None = option(None, "quantize the current model: ptq or qat (edgekd.quant.quantize_model)", choices=("ptq", "qat"))
+    quantize: str|None = option(None, "quantize the current model: ptq or qat (edgekd.quant.quantize_model); "
+                                "default: the dataset's", choices=("ptq", "qat", "none"))
     finetune_epochs: int|None = option(None, "fine-tuning epochs of the prune, lowrank and quantize stages; default: each function's own")
     device: str = option("auto", "training device: auto uses a GPU when there is one", choices=("auto", "cpu", "cuda"))
     data_root: str|None = option(None, "folder of torchvision datasets; default: $EDGEKD_DATA or ./data")
@@ -100,6 +115,8 @@ class RunConfig:
     export: bool = option(True, "export the final model to ONNX/TFLite and write a deploy bundle", flag="--no-export")
     arm_check: str = option("auto", "emulated ARM64 check of the bundle: auto runs it when qemu and its cache are ready",
                             choices=("auto", "on", "off"))
+    runtime_latency: bool = option(True, "with export: time every model of the run under ONNX Runtime and LiteRT (batch 1, interleaved)",
+                                   flag="--no-runtime-latency")
     threads: int = option(1, "CPU threads for training and the latency benchmark (1 mimics a single-core edge CPU)")
     progress: bool = option(True, "progress bars and per-epoch lines", flag="--quiet")
 
@@ -148,6 +165,7 @@ class Run:
     log: Callable = print  # where progress messages go
     user_student: nn.Module|None = None  # a student supplied by the caller, copied for each student stage
     extra: dict = field(default_factory=dict)  # report sections added by stages: 'export', 'arm'
+    own_data: bool = False  # the caller supplied the data (`run_pipeline(dls=...)`): seeds reuse it
 
     @property
     def current_model(self)->nn.Module:
@@ -191,6 +209,159 @@ def check_model_fits(model:nn.Module, # a model to train on `dls`, eager or expo
         raise ShapeError(f"{name} outputs shape {got} per sample, but dataset {dls.name!r} has {dls.n_classes} classes")
     return model
 
+# %% ../nbs/60_pipeline.ipynb #7eaf3ef3
+def model_source(spec:str, # 'cnn' (a zoo name), 'torchvision:resnet18', or 'path/to/file.py:make_model'
+                )->tuple:
+    "`(kind, target)` of a model spec: ('zoo', name), ('torchvision', name) or ('file', 'path.py:function'); `ConfigError` if malformed."
+    if not isinstance(spec, str) or not spec.strip(): raise ConfigError(f"a model must be a non-empty string, got {spec!r}")
+    head, sep, tail = spec.rpartition(":")
+    if not sep: return "zoo", check_choice(spec, "model", list_models())
+    if head == "torchvision":
+        import torchvision
+        return "torchvision", check_choice(tail, "torchvision classification model", torchvision.models.list_models(module=torchvision.models))
+    if head.endswith(".py") and tail.isidentifier(): return "file", spec
+    raise ConfigError(f"model {spec!r}: use a zoo name ({', '.join(list_models())}), torchvision:NAME "
+                      f"(e.g. torchvision:resnet18) or FILE.py:FUNCTION (e.g. models.py:make_model)")
+
+# %% ../nbs/60_pipeline.ipynb #d171e874
+class ImageClassifier(nn.Module):
+    "A torchvision classification network on `(channels, height, width)` inputs of any size and channel count, with `n_classes` outputs."
+    def __init__(self,
+                 name:str, # a torchvision classification model, e.g. 'resnet18' or 'mobilenet_v3_small'
+                 input_shape:Sequence[int], # (channels, height, width) of one image
+                 n_classes:int, # number of logits; torchvision builds its classifier head with this many outputs
+                ):
+        super().__init__()
+        import torchvision
+        if len(input_shape) != 3:
+            raise ShapeError(f"torchvision:{name} takes images of shape (channels, height, width), but the data has inputs of shape {tuple(input_shape)}")
+        self.input_shape, self.n_classes = tuple(int(s) for s in input_shape), int(n_classes)
+        c = self.input_shape[0]
+        self.adapt = nn.Identity() if c == 3 else nn.Conv2d(c, 3, 1)   # a learned 1x1 mix to the 3 channels the network expects
+        self.net = torchvision.models.get_model(name, weights=None, num_classes=self.n_classes)   # random init: nothing is downloaded
+
+    def forward(self, x:torch.Tensor)->torch.Tensor: return self.net(self.adapt(x))
+
+# %% ../nbs/60_pipeline.ipynb #eb186126
+def _call_factory(spec:str, input_shape:tuple, n_classes:int, kwargs:dict)->nn.Module:
+    "Import `FILE.py` of `spec` and call its `FUNCTION(input_shape=..., n_classes=..., **kwargs)` (the keywords it accepts)."
+    import importlib.util, inspect
+    path, fn_name = spec.rsplit(":", 1)
+    p = Path(path).expanduser()
+    if not p.is_file(): raise ConfigError(f"model {spec!r}: no such file {str(p)!r}")
+    mod_spec = importlib.util.spec_from_file_location(f"_edgekd_user_{p.stem}", p)
+    mod = importlib.util.module_from_spec(mod_spec)
+    try: mod_spec.loader.exec_module(mod)
+    except Exception as e: raise ConfigError(f"model {spec!r}: importing {p.name} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn): raise ConfigError(f"model {spec!r}: {p.name} defines no function {fn_name!r}")
+    params = inspect.signature(fn).parameters
+    takes_all = any(v.kind == v.VAR_KEYWORD for v in params.values())
+    kw = {k: v for k, v in dict(input_shape=tuple(input_shape), n_classes=n_classes).items() if takes_all or k in params}
+    try: model = fn(**kw, **kwargs)
+    except TypeError as e: raise ConfigError(f"model {spec!r}: calling {fn_name}: {e}") from None
+    if not isinstance(model, nn.Module): raise ConfigError(f"model {spec!r}: {fn_name}() returned {type(model).__name__}, not a torch.nn.Module")
+    for a, v in (("input_shape", tuple(input_shape)), ("n_classes", n_classes)):
+        if not hasattr(model, a): setattr(model, a, v)
+    return model
+
+# %% ../nbs/60_pipeline.ipynb #c0a55d00
+def make_model(spec:str, # a zoo name, 'torchvision:NAME' or 'FILE.py:FUNCTION' (see `model_source`)
+               input_shape:Sequence[int], # shape of one input, without the batch dimension
+               n_classes:int, # number of logits
+               kwargs:dict|None=None, # constructor keywords (zoo models and file functions)
+              )->nn.Module:
+    "Build an untrained model from a spec: edgekd's zoo, torchvision (random weights, head sized to `n_classes`) or your own file."
+    kind, target = model_source(spec)
+    kwargs = dict(kwargs or {})
+    if kind == "zoo": return get_model(target, input_shape, n_classes, **kwargs)
+    if kind == "torchvision":
+        if kwargs: raise ConfigError(f"torchvision:{target} takes no extra constructor arguments here, got {sorted(kwargs)}")
+        return ImageClassifier(target, input_shape, n_classes)
+    return _call_factory(target, tuple(input_shape), n_classes, kwargs)
+
+# %% ../nbs/60_pipeline.ipynb #ba00adf7
+IMAGE_FOLDER_LAYOUT = "PATH/train/CLASS/*.png|jpg (required), PATH/test/CLASS/... (required), PATH/val/CLASS/... (optional)"
+
+def _read_images(folder:Path, classes:list|None, size:tuple|None, mode:str|None)->tuple:
+    "Images of a torchvision `ImageFolder` tree as uint8 `(n, c, h, w)`, int64 labels indexed by `classes`, the classes, the size and mode."
+    import numpy as np
+    from PIL import Image as PILImage
+    from torchvision.datasets import ImageFolder
+    try: ds = ImageFolder(str(folder))
+    except (FileNotFoundError, OSError) as e: raise ConfigError(f"image folder {str(folder)!r}: {str(e).splitlines()[0]}") from None
+    classes = classes or ds.classes
+    extra = sorted(set(ds.classes) - set(classes))
+    if extra: raise ConfigError(f"image folder {str(folder)!r} has classes {extra} that the train folder does not have")
+    xs, ys = [], []
+    for path, label in ds.samples:
+        with PILImage.open(path) as im:
+            mode = mode or ("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+            size = size or im.size
+            xs.append(np.asarray(im.convert(mode).resize(size, PILImage.BILINEAR), dtype=np.uint8).reshape(size[1], size[0], -1))
+        ys.append(classes.index(ds.classes[label]))
+    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.tensor(ys, dtype=torch.int64), classes, size, mode
+
+def image_folder_loaders(path:str|Path, # a folder laid out as `IMAGE_FOLDER_LAYOUT` (torchvision ImageFolder trees per split)
+                         batch_size:int=64, # samples per batch
+                         seed:int=0, # seeds the batch order and, without a val folder, the validation split
+                         image_size:int|None=None, # resize every image to this square size (None: the first training image's size)
+                         valid_pct:float=0.2, # held out from train when there is no val folder
+                        )->DataLoaders:
+    "`DataLoaders` of an image folder (in memory, uint8 decoded once), normalised with the training set's per-channel mean and std."
+    root = Path(path).expanduser()
+    if not root.is_dir(): raise DataNotFoundError(f"image folder {str(root)!r} does not exist; expected {IMAGE_FOLDER_LAYOUT}")
+    missing = [s for s in ("train", "test") if not (root/s).is_dir()]
+    if missing: raise DataNotFoundError(f"image folder {str(root)!r} has no {' or '.join(missing)} folder; expected {IMAGE_FOLDER_LAYOUT}")
+    size = None if image_size is None else (int(check_number(image_size, "image_size", lo=1, integer=True)),) * 2
+    xtr, ytr, classes, size, mode = _read_images(root/"train", None, size, None)
+    xte, yte, *_ = _read_images(root/"test", classes, size, mode)
+    val = next((root/v for v in ("val", "valid") if (root/v).is_dir()), None)
+    xva, yva = _read_images(val, classes, size, mode)[:2] if val is not None else (None, None)
+    f = xtr.float() / 255
+    mean, std = f.mean((0, 2, 3), keepdim=True)[0], f.std((0, 2, 3), keepdim=True)[0].clamp_min(1e-6)
+    norm = lambda x: None if x is None else (x.float() / 255 - mean) / std
+    return from_tensors(norm(xtr), ytr, norm(xte), yte, batch_size=batch_size, seed=seed, classes=classes, name=root.name,
+                        x_valid=norm(xva), y_valid=yva, valid_pct=valid_pct)
+
+# %% ../nbs/60_pipeline.ipynb #953ac695
+def _torchvision_dataset(name:str)->str:
+    "The registered dataset behind `torchvision:NAME` (MNIST, FashionMNIST, CIFAR10, case and '_' ignored)."
+    keys = {d.replace("_", ""): d for d in list_datasets() if d not in ("digits", "mnist1d")}
+    key = name.lower().replace("_", "").replace("-", "")
+    if key not in keys: raise ConfigError(f"dataset torchvision:{name}: supported torchvision datasets are {', '.join(sorted(keys.values()))}; "
+                                          "for other images use imagefolder:PATH")
+    return keys[key]
+
+def check_dataset(spec:str, # a registered name, 'torchvision:NAME' or 'imagefolder:PATH'
+                 )->str:
+    "Return `spec` if it names a dataset `load_data` can load; `ConfigError` in one line otherwise."
+    if not isinstance(spec, str): raise ConfigError(f"dataset must be a string, got {spec!r}")
+    if spec.startswith("imagefolder:"):
+        if not spec[len("imagefolder:"):]: raise ConfigError("dataset imagefolder:PATH needs a PATH")
+        return spec
+    if spec.startswith("torchvision:"): _torchvision_dataset(spec[len("torchvision:"):]); return spec
+    return check_choice(spec, "dataset", list_datasets() + ["imagefolder:PATH", "torchvision:NAME"])
+
+def load_data(cfg:RunConfig, # a resolved config: dataset, batch_size, data_root, download, image_size
+              seed:int|None=None, # seed of the batch order and validation split (None: `cfg.seed`)
+             )->DataLoaders:
+    "The run's `DataLoaders`; a training set whose last batch would hold one sample drops it (BatchNorm cannot train on one)."
+    seed = cfg.seed if seed is None else seed
+    spec = cfg.dataset
+    if spec.startswith("imagefolder:"):
+        dls = image_folder_loaders(spec[len("imagefolder:"):], cfg.batch_size, seed, cfg.image_size)
+    else:
+        name = _torchvision_dataset(spec[len("torchvision:"):]) if spec.startswith("torchvision:") else spec
+        dls = get_loaders(name, root=cfg.data_root, batch_size=cfg.batch_size, seed=seed, download=cfg.download)
+    tr = dls.train
+    if len(tr.dataset) % tr.batch_size == 1 and len(tr.dataset) > 1:
+        from torch.utils.data import DataLoader
+        dls = dataclasses.replace(dls, train=DataLoader(tr.dataset, batch_size=tr.batch_size, shuffle=True, drop_last=True,
+                                                        generator=torch.Generator().manual_seed(int(seed))))
+    return dls
+
 # %% ../nbs/60_pipeline.ipynb #c483597e
 def macro_f1(preds:torch.Tensor, # predicted class indices, shape (n,)
              targets:torch.Tensor, # true class indices, shape (n,)
@@ -224,10 +395,22 @@ def energy_estimate(macs:int, # multiply-accumulates per inference
     dram = weights * word * e["dram_read_32b"]
     return dict(arithmetic_pj=arith, sram_pj=sram, dram_pj=dram, total_uj=(arith + sram + dram) / 1e6)
 
+# %% ../nbs/60_pipeline.ipynb #66625d28
+def stage_setting(cfg:RunConfig, # a resolved config
+                  stage:str, # a stage name
+                  key:str, # 'epochs' or 'lr'
+                 ):
+    "The stage's own `epochs` or `lr` from `cfg.stage_options` (a recipe), else the run-wide value (None: the chapter function's default)."
+    own = (cfg.stage_options or {}).get(stage, {}).get(key)
+    if own is not None: return own
+    if stage in ("prune", "lowrank", "quantize"): return cfg.finetune_epochs if key == "epochs" else None
+    return getattr(cfg, key)
+
 # %% ../nbs/60_pipeline.ipynb #982bc064
-def _learner(run:Run, model:nn.Module, cbs:list=(), progress:bool=False)->Learner:
-    "A `Learner` for `model` on the run's data and device, with a one-cycle schedule."
-    return Learner(model, run.dls, lr=run.cfg.lr, cbs=[SchedulerCB("onecycle"), *cbs], progress=progress, device=run.cfg.device)
+def _learner(run:Run, model:nn.Module, stage:str, cbs:list=(), progress:bool=False, dls:DataLoaders|None=None)->Learner:
+    "A `Learner` for `model` on the run's data (or `dls`) and device, one-cycle schedule at the stage's learning rate."
+    return Learner(model, dls or run.dls, lr=stage_setting(run.cfg, stage, "lr"), cbs=[SchedulerCB("onecycle"), *cbs],
+                   progress=progress, device=run.cfg.device)
 
 # %% ../nbs/60_pipeline.ipynb #48ba8b76
 def record_model(run:Run, # the pipeline's state
@@ -261,35 +444,36 @@ def record_model(run:Run, # the pipeline's state
 def train_and_record(run:Run, # the pipeline's state
                      name:str, # row name, also the model file's name
                      model:nn.Module, # the model to train (already seeded and built)
+                     stage:str, # the stage training it (its epochs and lr: `stage_setting`)
                      cbs:list=(), # extra callbacks, e.g. `DistillationCB`
                     )->nn.Module:
-    "Fit `model` on `run.dls.train` (validating on `valid`), then `record_model` it."
-    _learner(run, model, cbs, progress=run.cfg.progress).fit(run.cfg.epochs)
+    "Fit `model` on `run.dls.train` (validating on `valid`) for the stage's epochs, then `record_model` it."
+    _learner(run, model, stage, cbs, progress=run.cfg.progress).fit(stage_setting(run.cfg, stage, "epochs"))
     return record_model(run, name, model)
 
 # %% ../nbs/60_pipeline.ipynb #44940ea2
 def build_model(run:Run, # the pipeline's state
                 role:str, # 'teacher' or 'student'
                )->nn.Module:
-    "Seeded construction of the teacher or student named in the config, checked against the data."
+    "Seeded construction of the teacher or student named in the config (zoo, torchvision or file), checked against the data."
     cfg = run.cfg
     if role == "student" and run.user_student is not None: return copy.deepcopy(run.user_student)
     set_seed(cfg.seed)
-    name, kwargs = (cfg.teacher, cfg.teacher_kwargs) if role == "teacher" else (cfg.student, cfg.student_kwargs)
-    return check_model_fits(get_model(name, run.dls.input_shape, run.dls.n_classes, **kwargs), run.dls, role)
+    spec, kwargs = (cfg.teacher, cfg.teacher_kwargs) if role == "teacher" else (cfg.student, cfg.student_kwargs)
+    return check_model_fits(make_model(spec, run.dls.input_shape, run.dls.n_classes, kwargs), run.dls, role)
 
 # %% ../nbs/60_pipeline.ipynb #837dec83
 @register_stage("teacher")
 def stage_teacher(run:Run):
     "Train the teacher on hard labels (or a teacher module supplied by the caller)."
     model = run.models.pop("teacher", None) or build_model(run, "teacher")
-    train_and_record(run, "teacher", model)
+    train_and_record(run, "teacher", model, "teacher")
 
 # %% ../nbs/60_pipeline.ipynb #ffdf446d
 @register_stage("student")
 def stage_student(run:Run):
     "Train the student on hard labels only: the baseline distillation must beat."
-    train_and_record(run, "student", build_model(run, "student"))
+    train_and_record(run, "student", build_model(run, "student"), "student")
 
 # %% ../nbs/60_pipeline.ipynb #544e4665
 def distill_callbacks(run:Run, # the pipeline's state (needs a trained 'teacher')
@@ -320,12 +504,11 @@ def transfer_loader(run:Run, # the pipeline's state, with a trained 'teacher'
 def stage_distill(run:Run):
     "Train the same student, from the same initial weights, with distillation from the teacher (on a transfer set if asked)."
     student = build_model(run, "student")
-    if not run.cfg.transfer: return train_and_record(run, "student_kd", student, cbs=distill_callbacks(run, student))
+    if not run.cfg.transfer: return train_and_record(run, "student_kd", student, "distill", cbs=distill_callbacks(run, student))
     if run.cfg.loss != "kd": raise ConfigError(f"transfer > 0 works with loss 'kd' only, got loss {run.cfg.loss!r}")
     dls = dataclasses.replace(run.dls, train=transfer_loader(run))
-    learn = Learner(student, dls, lr=run.cfg.lr, cbs=[SchedulerCB("onecycle"), DistillationCB(None, run.cfg.temperature, 1.0)],
-                    progress=run.cfg.progress, device=run.cfg.device)
-    learn.fit(run.cfg.epochs)
+    learn = _learner(run, student, "distill", [DistillationCB(None, run.cfg.temperature, 1.0)], progress=run.cfg.progress, dls=dls)
+    learn.fit(stage_setting(run.cfg, "distill", "epochs"))
     record_model(run, "student_kd", student)
 
 # %% ../nbs/60_pipeline.ipynb #dec65fcf
@@ -353,11 +536,12 @@ def _compress(run:Run, stage:str):
     opt, _, _, out = COMPRESSION[stage]
     trains = not (stage == "quantize" and cfg.quantize == "ptq")   # post-training quantization only calibrates
     kw = dict(seed=cfg.seed)
-    if trains: kw["teacher"] = run.models.get("teacher")
-    if trains and cfg.finetune_epochs is not None: kw["epochs"] = cfg.finetune_epochs
+    if trains:
+        kw["teacher"] = run.models.get("teacher")
+        kw.update({k: v for k in ("epochs", "lr") if (v := stage_setting(cfg, stage, k)) is not None})
     if stage == "prune": kw["method"] = cfg.prune_method
     src = run.current
-    model = compression_fn(stage)(copy.deepcopy(run.current_model), run.dls, getattr(cfg, opt), **kw)
+    model = compression_fn(stage)(copy_model(run.current_model), run.dls, getattr(cfg, opt), **kw)
     if not isinstance(model, nn.Module):
         raise ArtifactError(f"{stage} stage: {COMPRESSION[stage][2]} returned {type(model).__name__}, not a torch.nn.Module")
     record_model(run, out, check_model_fits(model, run.dls, f"the {stage} stage's model"), int8=stage == "quantize")
@@ -406,22 +590,82 @@ def stage_export(run:Run):
     run.extra["export"] = rows
     run.log(f"bundle of {name}: {', '.join(meta['artifacts'])}; parity with PyTorch checked on {len(x)} test samples")
 
+# %% ../nbs/60_pipeline.ipynb #42753c71
+ARM_INSTALL = "sudo bash scripts/install_arm_tools.sh"  # installs qemu-user >= 8.1 and debootstrap (from the edgekd repository)
+
 # %% ../nbs/60_pipeline.ipynb #1afaf5b9
 @register_stage("arm", needs=("export",))
 def stage_arm(run:Run):
     "Run the bundle on an emulated ARM64 CPU (see `arm_check` in the config); record the report."
-    from edgekd.arm import arm_check, emulator_ready
+    from edgekd.arm import ArmToolsError, arm_check, emulator_ready, find_tools
     cfg, bundle = run.cfg, run.dir/"bundle"
     if cfg.arm_check == "off" or not bundle.is_dir(): return
-    if cfg.arm_check == "auto":
-        if not emulator_ready():
-            run.extra["arm"] = dict(skipped="qemu or the arm64 cache is missing; run `edgekd arm-check OUT/bundle` "
-                                            "(the first run builds the cache)")
-            run.log("ARM check skipped: " + run.extra["arm"]["skipped"]); return
+    if cfg.arm_check == "auto" and not emulator_ready():
+        try: find_tools(rootfs=False); tools = True
+        except ArmToolsError: tools = False
+        run.extra["arm"] = (dict(skipped="the arm64 userland is not cached yet (a one-time build of a few minutes)",
+                                 fix=f"edgekd arm-check {Path(cfg.out)}/bundle") if tools else
+                            dict(skipped="qemu-aarch64 >= 8.1 and debootstrap are not installed", fix=ARM_INSTALL))
+        run.log(f"ARM check skipped: {run.extra['arm']['skipped']}; run: {run.extra['arm']['fix']}"); return
     report = arm_check(bundle, threads=cfg.threads, log=run.log)
     run.extra["arm"] = report.to_dict()
     atomic_write(run.dir/"arm_check.md", report.to_markdown())
     if not report.passed: raise ArtifactError(f"ARM64 check failed; see the table:\n{report.to_markdown()}")
+
+# %% ../nbs/60_pipeline.ipynb #7874c310
+def runtime_latency(model:nn.Module, # a float model, or a PT2E-quantized graph (then give `float_model`)
+                    x:"np.ndarray", # one input sample with batch dimension, shape (1, *input_shape), float32
+                    folder:str|Path, # where the artifacts are written
+                    calibration=None, # training inputs for the int8 TFLite of a PT2E-quantized model
+                    float_model:nn.Module|None=None, # the float model a PT2E-quantized `model` came from
+                    threads:int=1, # runtime threads
+                    rounds:int=7, # interleaved rounds (ORT, LiteRT, ORT, LiteRT, ...)
+                    calls:int=30, # timed calls per runtime per round
+                    paths:dict|None=None, # artifacts already exported, {artifact key: path} (e.g. a bundle's); None: export here
+                   )->dict:
+    "Batch-1 latency under ONNX Runtime and LiteRT, interleaved: median, p10 and p90 over all timed calls (ms), and the two files' bytes."
+    import numpy as np
+    from edgekd.export import export_all, is_pt2e_quantized, load_runtime
+    q = is_pt2e_quantized(model)
+    keys = {"ort": "onnx_qdq", "litert": "tflite_pt2e_int8"} if q else {"ort": "onnx", "litert": "tflite"}
+    if not paths or not set(keys.values()) <= set(paths):
+        paths = export_all(model, folder, calibration=calibration, artifacts=list(keys.values()), float_model=float_model)
+    rts = {k: load_runtime(paths[a], threads=threads) for k, a in keys.items()}
+    times = {k: [] for k in rts}
+    for rt in rts.values():
+        for _ in range(10): rt.predict(x)   # warm-up
+    for _ in range(rounds):
+        for k, rt in rts.items():
+            for _ in range(calls):
+                t0 = time.perf_counter(); rt.predict(x); times[k].append(1000 * (time.perf_counter() - t0))
+    out = {f"{k}_bytes": Path(paths[a]).stat().st_size for k, a in keys.items()}
+    for k, v in times.items():
+        out[f"{k}_ms"], out[f"{k}_p10_ms"], out[f"{k}_p90_ms"] = (float(np.percentile(v, p)) for p in (50, 10, 90))
+    return out
+
+# %% ../nbs/60_pipeline.ipynb #bab5f4bb
+def measure_runtimes(run:Run, # a run whose stages have finished
+                    )->None:
+    "Add ONNX Runtime and LiteRT batch-1 latency (median, p10, p90) to every row whose model is in `run.models`."
+    import tempfile
+    from edgekd.export import calibration_samples, dataset_arrays, is_pt2e_quantized, load_bundle
+    x, cal, done = dataset_arrays(run.dls, "test")[0][:1], calibration_samples(run.dls), {}
+    bundle = run.dir/"bundle"   # the exported model's artifacts are reused
+    shipped = {k: bundle/f for k, f in load_bundle(bundle)["artifacts"].items()} if (bundle/"metadata.json").is_file() else {}
+    shipped_model = (run.extra.get("export") or [{}])[0].get("model")
+    with tempfile.TemporaryDirectory() as d:
+        for row in run.rows:
+            m = run.models.get(row["name"])
+            if m is None: continue
+            spec = json.dumps(getattr(m, "_edgekd_spec", None), sort_keys=True) if not is_exported(m) else None
+            if spec in done:   # same zoo architecture, same file sizes and operators: timed once
+                row.update(done[spec], latency_from=done[spec]["timed_as"]); continue
+            src = run.models.get(row.get("from")) if is_pt2e_quantized(m) else None
+            row.update(runtime_latency(m, x, Path(d)/row["name"], calibration=cal, float_model=src, threads=run.cfg.threads,
+                                       paths=shipped if row["name"] == shipped_model else None))
+            if spec != "null" and spec is not None: done[spec] = {**{k: v for k, v in row.items() if k.startswith(("ort_", "litert_"))}, "timed_as": row["name"]}
+    run.log("ORT / LiteRT latency (batch 1, median ms): " +
+            ", ".join(f"{r['name']} {r['ort_ms']:.3f} / {r['litert_ms']:.3f}" for r in run.rows if "ort_ms" in r))
 
 # %% ../nbs/60_pipeline.ipynb #6c20fcc1
 def plan_stages(cfg:RunConfig, # a config (resolved or not)
@@ -447,16 +691,22 @@ def plan_stages(cfg:RunConfig, # a config (resolved or not)
     return names
 
 # %% ../nbs/60_pipeline.ipynb #fd4cfdea
-RECIPE_OPTIONS = {  # stage -> {recipe key: RunConfig field}
+RECIPE_OPTIONS = {  # stage -> {recipe key: RunConfig field}; 'epochs' and 'lr' go to `stage_options` (see `STAGE_KEYS`)
+    "teacher": {"model": "teacher", "kwargs": "teacher_kwargs"},
+    "student": {"model": "student", "kwargs": "student_kwargs"},
+    "distill": {"model": "student", "kwargs": "student_kwargs"},
     "prune": {"sparsity": "prune", "method": "prune_method"},
     "lowrank": {"rank": "lowrank"},
     "quantize": {"mode": "quantize"},
 }
 
+# %% ../nbs/60_pipeline.ipynb #4b677bb1
+STAGE_KEYS = {s: ("epochs", "lr") for s in ("teacher", "student", "distill", "prune", "lowrank", "quantize")}  # stage -> its own settings in a recipe (`RunConfig.stage_options`)
+
 # %% ../nbs/60_pipeline.ipynb #6627878b
 def load_recipe(path:str|Path, # a .toml or .json recipe file
                )->dict:
-    "`RunConfig` overrides (`stages` and stage options) read from a recipe file; `ConfigError` in one line on any mistake."
+    "`RunConfig` overrides (`stages`, stage options, per-stage epochs and lr) read from a recipe file; `ConfigError` in one line on any mistake."
     import tomllib
     p = Path(path)
     if p.suffix.lower() not in (".toml", ".json"): raise ConfigError(f"recipe {str(p)!r}: the file name must end in .toml or .json")
@@ -469,34 +719,53 @@ def load_recipe(path:str|Path, # a .toml or .json recipe file
         raise ConfigError(f"recipe {str(p)!r}: needs exactly one top-level key 'stages' (a list of tables), got {got}")
     if not isinstance(data["stages"], list) or not data["stages"]:
         raise ConfigError(f"recipe {str(p)!r}: 'stages' must be a non-empty list of tables like {{name = \"teacher\"}}")
-    out, names = {}, []
+    out, names, per = {}, [], {}
     for k, st in enumerate(data["stages"], 1):
         if not isinstance(st, dict) or not isinstance(st.get("name"), str):
             raise ConfigError(f"recipe {str(p)!r}: stage {k} must be a table with a 'name', got {st!r}")
         name = st["name"]
         if name not in STAGES: raise ConfigError(f"recipe {str(p)!r}: unknown stage {name!r}; choose one of: {', '.join(STAGES)}")
-        allowed = RECIPE_OPTIONS.get(name, {})
+        allowed, own = RECIPE_OPTIONS.get(name, {}), STAGE_KEYS.get(name, ())
         for key, val in st.items():
             if key == "name": continue
+            if key in own: per.setdefault(name, {})[key] = val; continue
             if key not in allowed:
-                raise ConfigError(f"recipe {str(p)!r}: stage {name!r} has no option {key!r}; allowed: {', '.join(allowed) or 'none'}")
+                raise ConfigError(f"recipe {str(p)!r}: stage {name!r} has no option {key!r}; allowed: {', '.join([*own, *allowed]) or 'none'}")
+            if allowed[key] in out and out[allowed[key]] != val:
+                raise ConfigError(f"recipe {str(p)!r}: stage {name!r} sets {key} = {val!r}, but an earlier stage set {out[allowed[key]]!r}")
             out[allowed[key]] = val
         names.append(name)
-    return dict(out, stages=names)
+    return dict(out, stages=names, stage_options=per)
 
 # %% ../nbs/60_pipeline.ipynb #a3847b97
-def resolve_config(cfg:RunConfig)->RunConfig:
-    "Return a copy of `cfg` with dataset defaults filled in; raise `ConfigError` on a bad value."
+def resolve_config(cfg:RunConfig, # the options
+                   own_data:bool=False, # True: the caller supplies the data (`run_pipeline(dls=...)`), `cfg.dataset` is only its name
+                  )->RunConfig:
+    "Return a copy of `cfg` with recipe and dataset defaults filled in; raise `ConfigError` on a bad value."
     if cfg.recipe is not None:
         r = load_recipe(cfg.recipe)
         if cfg.stages is not None and list(cfg.stages) != r["stages"]: raise ConfigError("give stages or a recipe file, not both")
         cfg = dataclasses.replace(cfg, **r)
-    check_choice(cfg.dataset, "dataset", list_datasets())
-    check_choice(cfg.teacher, "teacher model", list_models())
-    check_choice(cfg.student, "student model", list_models())
+    if not own_data: check_dataset(cfg.dataset)
     check_choice(cfg.loss, "loss", loss_names())
-    d = DATASET_DEFAULTS.get(cfg.dataset, DATASET_DEFAULTS["digits"])
-    cfg = dataclasses.replace(cfg, **{k: d[k] for k in ("epochs", "lr", "batch_size", "transfer") if getattr(cfg, k) is None})
+    d = DATASET_DEFAULTS["images"] if own_data else DATASET_DEFAULTS.get(cfg.dataset, DATASET_DEFAULTS["images"])
+    fill = {k: d[k] for k in ("epochs", "lr", "batch_size", "transfer", "teacher", "student") if getattr(cfg, k) is None}
+    for role in ("teacher", "student"):   # the dataset's constructor arguments go with the dataset's model only
+        if getattr(cfg, f"{role}_kwargs") is None:
+            fill[f"{role}_kwargs"] = dict(d[f"{role}_kwargs"]) if fill.get(role, getattr(cfg, role)) == d[role] else {}
+    if cfg.quantize is None and cfg.stages is None: fill["quantize"] = d["quantize"]
+    cfg = dataclasses.replace(cfg, **fill)
+    if cfg.quantize == "none": cfg = dataclasses.replace(cfg, quantize=None)
+    for role in ("teacher", "student"):
+        model_source(getattr(cfg, role))
+        if not isinstance(getattr(cfg, f"{role}_kwargs"), dict): raise ConfigError(f"{role} kwargs must be a table of constructor arguments, got {getattr(cfg, f'{role}_kwargs')!r}")
+    if not isinstance(cfg.stage_options, dict): raise ConfigError(f"stage_options must be a dict, got {cfg.stage_options!r}")
+    for st, opts in cfg.stage_options.items():
+        check_choice(st, "stage of stage_options", list(STAGE_KEYS))
+        for k, v in opts.items():
+            check_choice(k, f"setting of stage {st!r}", list(STAGE_KEYS[st]))
+            if k == "epochs": check_number(v, f"epochs of stage {st!r}", lo=0, lo_open=True, integer=True)
+            else: check_number(v, f"lr of stage {st!r}", lo=0, lo_open=True)
     if cfg.seeds is not None:
         if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds): raise ConfigError(f"seeds must be distinct, got {cfg.seeds}")
         for s in cfg.seeds: check_number(s, "seed", lo=0, integer=True)
@@ -504,12 +773,13 @@ def resolve_config(cfg:RunConfig)->RunConfig:
         if len(cfg.seeds) > 1 and not {"teacher", "student", "distill"} <= set(plan_stages(cfg)):
             raise ConfigError("seeds repeats the teacher, student and distill stages: keep all three in stages")
     check_number(cfg.transfer, "transfer", lo=0, integer=True)
-    if cfg.transfer and cfg.dataset != "mnist1d":
+    if cfg.transfer and (cfg.dataset != "mnist1d" or own_data):
         raise ConfigError(f"transfer needs a dataset that generates fresh inputs (mnist1d), got dataset {cfg.dataset!r}; use transfer=0")
     check_number(cfg.seed, "seed", lo=0, integer=True)
     check_number(cfg.epochs, "epochs", lo=0, lo_open=True, integer=True)
     check_number(cfg.lr, "lr", lo=0, lo_open=True)
     check_number(cfg.batch_size, "batch_size", lo=0, lo_open=True, integer=True)
+    if cfg.image_size is not None: check_number(cfg.image_size, "image_size", lo=1, integer=True)
     check_number(cfg.temperature, "temperature", lo=0, lo_open=True)
     check_number(cfg.alpha, "alpha", 0, 1)
     check_number(cfg.threads, "threads", lo=1, integer=True)
@@ -524,6 +794,12 @@ def resolve_config(cfg:RunConfig)->RunConfig:
     for s in plan_stages(cfg):
         if s in COMPRESSION: compression_fn(s)
     return cfg
+
+# %% ../nbs/60_pipeline.ipynb #118890b8
+REPORT_COLUMNS = ["name", "valid_accuracy", "test_accuracy", "test_macro_f1", "params", "nonzero", "macs", "bytes",
+                  "compressed_bytes", "energy_uj_est", "from"]   # report.md's accuracy and size table, in this order
+LATENCY_COLUMNS = ["name", "latency_ms", "latency_p90_ms", "ort_ms", "ort_p10_ms", "ort_p90_ms",
+                   "litert_ms", "litert_p10_ms", "litert_p90_ms", "ort_bytes", "litert_bytes", "latency_from"]   # report.md's latency table
 
 # %% ../nbs/60_pipeline.ipynb #45b15fc8
 def kd_summary(rows:list, # results rows with 'name' and 'test_accuracy'
@@ -569,8 +845,7 @@ def repeat_seeds(run:Run, # a finished run whose config has `seeds`; its own row
     per = [dict(seed=run.cfg.seed, **kd_summary(run.rows))]
     for s in run.cfg.seeds[1:]:
         cfg = dataclasses.replace(run.cfg, seed=s)
-        dls = get_loaders(cfg.dataset, root=cfg.data_root, batch_size=cfg.batch_size, seed=s, download=cfg.download)
-        sub = Run(cfg, dls, run.dir/"seeds"/f"seed-{s}", log=run.log)
+        sub = Run(cfg, run.dls if run.own_data else load_data(cfg), run.dir/"seeds"/f"seed-{s}", log=run.log, own_data=run.own_data)
         run.log(f"seed {s}: teacher, student, distill")
         for name in ("teacher", "student", "distill"): STAGES[name].fn(sub)
         per.append(dict(seed=s, **kd_summary(sub.rows)))
@@ -580,14 +855,23 @@ def repeat_seeds(run:Run, # a finished run whose config has `seeds`; its own row
 def render_markdown(report:dict)->str:
     "The human-readable `report.md` for a pipeline `report` dict."
     cfg, kd, fin = report["config"], report["kd"], report.get("final") or {}
+    settings = "; ".join(f"{s}: {v['epochs']} epochs, lr {v['lr']}" for s, v in (report.get("stage_settings") or {}).items())
     lines = [f"# edgekd run: {cfg['dataset']}", "",
-             f"seed {cfg['seed']}, {cfg['epochs']} epochs per model, loss {cfg['loss']}, T = {cfg['temperature']}, "
-             f"alpha = {cfg['alpha']}, latency at batch 1 on {cfg['threads']} thread(s). Stages: {' -> '.join(report['stages'])}.", "",
+             f"seed {cfg['seed']}, teacher {cfg['teacher']}, student {cfg['student']}, loss {cfg['loss']}, T = {cfg['temperature']}, "
+             f"alpha = {cfg['alpha']}, latency at batch 1 on {cfg['threads']} thread(s). Stages: {' -> '.join(report['stages'])}."
+             + (f" Training: {settings}." if settings else ""), "",
              "Accuracy on the validation split (used for every choice: early stopping, checkpoints) and on the test "
              "split (the result). One row per model, in the order the stages made them.", "",
-             format_table(report["rows"]), "",
-             "test_macro_f1: macro-averaged F1 on test. latency_ms / latency_p90_ms: median and 90th percentile over repeated "
-             "batch-1 calls. energy_uj_est: an ESTIMATE of energy per inference in microjoules, priced with the 45 nm table of "
+             format_table(report["rows"], [c for c in REPORT_COLUMNS if any(c in r for r in report["rows"])]), "",
+             "Latency of the same models, batch 1, in milliseconds:", "",
+             format_table(report["rows"], [c for c in LATENCY_COLUMNS if any(c in r for r in report["rows"])]), "",
+             "test_macro_f1: macro-averaged F1 on test. bytes: the model's PyTorch file (state_dict; a quantized graph stores "
+             "int8 weights); compressed_bytes: the same with zero-heavy tensors as bitmask + nonzero values. "
+             "latency_ms / latency_p90_ms: PyTorch eager, median and 90th percentile over repeated batch-1 calls. "
+             "ort_* / litert_*: the model exported to ONNX (ONNX Runtime) and TFLite (LiteRT), batch 1, timed interleaved "
+             "(ORT, LiteRT, ORT, ...): median, 10th and 90th percentile of all calls; a quantized model is timed as its "
+             "int8 artifacts (ONNX QDQ, TFLite int8). Latencies on a shared machine vary from run to run; compare within one "
+             "report. energy_uj_est: an ESTIMATE of energy per inference in microjoules, priced with the 45 nm table of "
              "Horowitz (ISSCC 2014) as Han et al. (2016) use it: fp32 MAC 3.7 + 0.9 pJ, int8 MAC 0.2 + 0.03 pJ, one SRAM "
              "activation read per MAC (5 pJ per 32-bit word), every nonzero weight read once from DRAM per inference "
              "(640 pJ per 32-bit word); quantized models priced as int8 with 4x fewer bytes. Not a measurement.", ""]
@@ -613,41 +897,30 @@ def render_markdown(report:dict)->str:
                   "the test set (test accuracy, its change in points, largest logit difference), latency at batch 1.", "",
                   format_table(report["export"], cols), ""]
     arm = report.get("arm")
-    if arm: lines += [f"ARM64 check: {arm['skipped']}" if "skipped" in arm else
+    if arm: lines += [f"ARM64 check: skipped, {arm['skipped']}; to run it: `{arm['fix']}`" if "skipped" in arm else
                       f"ARM64 check (emulated Cortex-A53): {'passed' if arm['passed'] else 'FAILED'}; details in arm_check.md", ""]
-    lines += ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
+    lines += ["| step | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
     lines += ["", f"Total wall time {report['wall_seconds']:.1f} s on {report['machine']}; "
               f"edgekd {report['versions']['edgekd']}, torch {report['versions']['torch']}.", ""]
     return "\n".join(lines)
 
 # %% ../nbs/60_pipeline.ipynb #61502520
-def headline(report:dict, # a pipeline report
-            )->list:
-    "Short phrases for the last line of a run: the KD gain (± std over seeds), the final compression, the ARM verdict."
-    out, kd, sd, fin, arm = [], report.get("kd"), report.get("seeds"), report.get("final") or {}, report.get("arm")
-    if sd: out.append(f"KD gain {100 * sd['kd_gain_mean']:+.2f} ± {100 * sd['kd_gain_std']:.2f} points over {len(sd['seeds'])} seeds")
-    elif kd: out.append(f"KD gain {100 * kd['kd_gain']:+.2f} points")
-    if "compression" in fin: out.append(f"final model {fin['model']}: {fin['compression']:.1f}x smaller than the teacher, "
-                                        f"{fin['accuracy_change']:+.2f} points")
-    if arm: out.append("ARM check skipped" if "skipped" in arm else f"ARM check {'passed' if arm['passed'] else 'FAILED'}")
+def summary_lines(report:dict, # a pipeline report, with 'out' (the output folder)
+                 )->list:
+    "The closing lines of `edgekd run`: where the report is, the KD gain, the final compression and accuracy change, the ARM verdict."
+    kd, sd, fin, arm = report.get("kd"), report.get("seeds"), report.get("final") or {}, report.get("arm")
+    out = [f"report:      {report['out']}/report.md (also report.json, tradeoff.png, weights/"
+           + (", bundle/)" if report.get("export") else ")")]
+    if sd: out.append(f"KD gain:     {100 * sd['kd_gain_mean']:+.2f} ± {100 * sd['kd_gain_std']:.2f} points of test accuracy "
+                      f"over {len(sd['seeds'])} seeds (mean ± std)")
+    elif kd: out.append(f"KD gain:     {100 * kd['kd_gain']:+.2f} points of test accuracy (one seed; --seeds 0 1 2 gives its spread)")
+    if "compression" in fin:
+        out.append(f"final model: {fin['model']}, {fin['compression']:.1f}x fewer bytes than the teacher, "
+                   f"{fin['accuracy_change']:+.2f} points of test accuracy against it")
+    if arm is None: out.append("ARM check:   not run" + (" (no export)" if not report.get("export") else " (--arm-check off)"))
+    elif "skipped" in arm: out.append(f"ARM check:   skipped, {arm['skipped']}; run: {arm['fix']}")
+    else: out.append(f"ARM check:   {'passed' if arm['passed'] else 'FAILED'} (emulated Cortex-A53; arm_check.md)")
     return out
-
-# %% ../nbs/60_pipeline.ipynb #a535385d
-def stagger_labels(xs:Sequence[float], # x positions (log scale: closeness is measured in decades)
-                   ys:Sequence[float], # y positions of the points
-                   sep:float, # smallest vertical distance between two labels of nearby points, in y units
-                   close:float=0.15, # points within this many decades in x are nearby
-                  )->list:
-    "Label y positions: a point's own y, pushed up just enough to keep `sep` from the labels of nearby points below it."
-    import math
-    order = sorted(range(len(ys)), key=lambda i: (ys[i], i))
-    pos = {}
-    for i in order:
-        y = ys[i]
-        for j in sorted(pos, key=pos.get):   # labels placed so far, lowest first
-            if abs(math.log10(xs[i]) - math.log10(xs[j])) < close and abs(y - pos[j]) < sep: y = pos[j] + sep
-        pos[i] = y
-    return [pos[i] for i in range(len(ys))]
 
 # %% ../nbs/60_pipeline.ipynb #2a0f5828
 def pareto_front(xs:Sequence[float], # cost of each model (smaller is better)
@@ -663,24 +936,24 @@ def pareto_front(xs:Sequence[float], # cost of each model (smaller is better)
 # %% ../nbs/60_pipeline.ipynb #3f9651fe
 def plot_pareto(rows:Sequence[dict], # results rows with 'name', 'test_accuracy', 'compressed_bytes' and 'macs'
                ):
-    "Test accuracy against compressed bytes and against MACs (log x), Pareto front joined, labels staggered; returns the Figure."
+    "Test accuracy against compressed bytes and against MACs (log x), Pareto front joined; one marker per model, named in a legend."
     from matplotlib.figure import Figure
     names, ys = [r["name"] for r in rows], [100 * r["test_accuracy"] for r in rows]
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    sep = max(3.0, (max(ys) - min(ys)) * 0.07)
-    for ax, col, label in zip(fig.subplots(1, 2), ("compressed_bytes", "macs"), ("compressed bytes (log)", "MACs per inference (log)")):
+    fig = Figure(figsize=(10, 4.6), layout="constrained")
+    markers = "osD^vP*Xh<>p"
+    for ax, col, label in zip(fig.subplots(1, 2), ("compressed_bytes", "macs"), ("compressed bytes (log scale)", "MACs per inference (log scale)")):
         xs = [max(float(r[col]), 1.0) for r in rows]
         front = pareto_front(xs, ys)
-        ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="C1", alpha=0.6, label="Pareto front")
-        ax.scatter(xs, ys, s=40, zorder=3)
-        for i, (x, y, ly) in enumerate(zip(xs, ys, stagger_labels(xs, ys, sep))):
-            ax.annotate(names[i], (x, y), xytext=(x * 1.25, ly), fontsize=9, va="bottom",
-                        arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if ly != y else None)
+        ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="0.6", lw=1.5, zorder=1, label="Pareto front")
+        for i, (x, y) in enumerate(zip(xs, ys)):   # hollow markers: a model drawn on top of another stays visible
+            ax.scatter([x], [y], s=90 - 6 * i, marker=markers[i % len(markers)], facecolors="none", edgecolors=f"C{i % 10}",
+                       linewidths=1.8, zorder=3, label=names[i])
         ax.set_xscale("log"); ax.set_xlabel(label); ax.set_ylabel("test accuracy (%)"); ax.grid(alpha=0.3, which="both")
-        lo, hi = min(xs), max(xs); ax.set_xlim(lo / 2, hi * 6)
-        ax.set_ylim(min(ys) - sep, max(stagger_labels(xs, ys, sep)) + sep)
-        ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle("Accuracy against size and compute, one point per model of the run")
+        lo, hi = min(xs), max(xs); ax.set_xlim(lo / 2, hi * 2)
+        pad = max(1.0, 0.08 * (max(ys) - min(ys))); ax.set_ylim(min(ys) - pad, max(ys) + pad)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), frameon=False)
+    fig.suptitle("Accuracy against size and compute, one marker per model of the run")
     return fig
 
 # %% ../nbs/60_pipeline.ipynb #121e42a1
@@ -688,7 +961,10 @@ def write_report(run:Run, # the finished run
                  wall_seconds:float, # total wall time so far
                 )->dict:
     "Write `report.json`, `report.md` and `tradeoff.png` into `run.dir`; return the report dict."
-    report = dict(config=dataclasses.asdict(run.cfg), stages=[s for s in run.seconds if s != "seeds"], rows=run.rows, kd=kd_summary(run.rows),
+    stages = [s for s in run.seconds if s in STAGES]
+    trained = [s for s in stages if s in STAGE_KEYS and not (s == "quantize" and run.cfg.quantize == "ptq")]
+    settings = {s: {k: stage_setting(run.cfg, s, k) or "default" for k in ("epochs", "lr")} for s in trained}
+    report = dict(config=dataclasses.asdict(run.cfg), stages=stages, stage_settings=settings, rows=run.rows, kd=kd_summary(run.rows),
                   final=final_summary(run.rows, run.current), models=run.files, **run.extra,
                   seconds=run.seconds, wall_seconds=wall_seconds,
                   machine=f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads",
@@ -702,14 +978,21 @@ def write_report(run:Run, # the finished run
 
 # %% ../nbs/60_pipeline.ipynb #3f22c943
 def run_pipeline(cfg:RunConfig|None=None, # options; keyword arguments override its fields
-                 teacher:nn.Module|None=None, # your own (untrained) teacher instead of `cfg.teacher`
-                 student:nn.Module|None=None, # your own (untrained) student instead of `cfg.student`
+                 teacher:nn.Module|str|None=None, # your own (untrained) teacher module, or a model spec (sets `cfg.teacher`)
+                 student:nn.Module|str|None=None, # your own (untrained) student module, or a model spec (sets `cfg.student`)
                  stages:list|None=None, # stage names or `(name, function)` pairs; default `plan_stages(cfg)`
+                 dls:DataLoaders|None=None, # your own data (e.g. `edgekd.data.from_tensors(...)`) instead of `cfg.dataset`
                  log:Callable=print, # where progress messages go
                  **kwargs, # any `RunConfig` field, e.g. `dataset="mnist1d", epochs=5`
                 )->dict:
     "Run the pipeline and write `report.md`, `report.json`, `tradeoff.png`, `weights/` and `bundle/` to `cfg.out`."
-    cfg = resolve_config(dataclasses.replace(cfg or RunConfig(), **kwargs))
+    if isinstance(teacher, str): kwargs["teacher"], teacher = teacher, None
+    if isinstance(student, str): kwargs["student"], student = student, None
+    cfg = dataclasses.replace(cfg or RunConfig(), **kwargs)
+    if dls is not None:
+        if not isinstance(dls, DataLoaders): raise ConfigError(f"dls must be edgekd.data.DataLoaders, got {type(dls).__name__}")
+        cfg = dataclasses.replace(cfg, dataset=dls.name, batch_size=dls.train.batch_size)
+    cfg = resolve_config(cfg, own_data=dls is not None)
     if stages is not None and any(isinstance(s, str) for s in stages):   # registered names keep their order rules
         plan_stages(dataclasses.replace(cfg, stages=[s for s in stages if isinstance(s, str)]))
     plan = [(s, STAGES[s].fn) if isinstance(s, str) else tuple(s) for s in (plan_stages(cfg) if stages is None else stages)]
@@ -717,17 +1000,25 @@ def run_pipeline(cfg:RunConfig|None=None, # options; keyword arguments override 
         raise ConfigError("seeds repeats training with the zoo's models; it cannot be combined with your own teacher or student")
     t0 = time.perf_counter()
     with atomic_dir(cfg.out) as tmp:
-        dls = get_loaders(cfg.dataset, root=cfg.data_root, batch_size=cfg.batch_size, seed=cfg.seed, download=cfg.download)
-        run = Run(cfg, dls, tmp, log=log)
-        if teacher is not None: run.models["teacher"] = check_model_fits(teacher, dls, "teacher")
-        if student is not None: run.user_student = check_model_fits(student, dls, "student")
+        data = dls if dls is not None else load_data(cfg)
+        run = Run(cfg, data, tmp, log=log, own_data=dls is not None)
+        if teacher is not None: run.models["teacher"] = check_model_fits(teacher, data, "teacher")
+        if student is not None: run.user_student = check_model_fits(student, data, "student")
+        names = [n for n, _ in plan]
+        for role in ("teacher", "student"):   # a model that does not fit the data fails now, before any training
+            if (role in names or (role == "student" and "distill" in names)) and not (role == "teacher" and teacher is not None):
+                build_model(run, role)
         with num_threads(cfg.threads):
             for i, (name, fn) in enumerate(plan, 1):
                 t = time.perf_counter(); fn(run); run.seconds[name] = round(time.perf_counter() - t, 2)
                 log(f"[{i}/{len(plan)}] {name} done in {run.seconds[name]:.1f} s")
+            if cfg.runtime_latency and cfg.export and run.rows:
+                t = time.perf_counter(); measure_runtimes(run); run.seconds["runtime latency"] = round(time.perf_counter() - t, 2)
+                log(f"[runtime latency] ONNX Runtime and LiteRT timings done in {run.seconds['runtime latency']:.1f} s")
             if cfg.seeds and len(cfg.seeds) > 1:
                 t = time.perf_counter(); run.extra["seeds"] = repeat_seeds(run); run.seconds["seeds"] = round(time.perf_counter() - t, 2)
+                log(f"[seeds] teacher, student and distill for seeds {', '.join(map(str, cfg.seeds[1:]))} done in {run.seconds['seeds']:.1f} s")
             report = write_report(run, time.perf_counter() - t0)
     report["out"] = str(Path(cfg.out).absolute())
-    log(f"report written to {report['out']}/report.md ({report['wall_seconds']:.0f} s)" + "".join(f"; {x}" for x in headline(report)))
+    log(f"Finished in {report['wall_seconds']:.0f} s.\n" + "\n".join("  " + s for s in summary_lines(report)))
     return report

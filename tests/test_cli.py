@@ -56,7 +56,12 @@ def test_run_writes_a_complete_report(short_run):
         assert f"| {name} " in md
     assert re.search(r"^\| name +\| valid_accuracy \| test_accuracy \|", md, re.M), md
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "[1/4] teacher done in" in r.stdout and "report written to" in r.stdout
+    assert "[1/4] teacher done in" in r.stdout and "[runtime latency]" in r.stdout
+    summary = r.stdout.splitlines()[-4:]   # the closing summary: report, KD gain, final model, ARM verdict
+    assert summary[0].strip() == f"report:      {out}/report.md (also report.json, tradeoff.png, weights/, bundle/)"
+    assert summary[1].strip().startswith("KD gain:     ") and "points of test accuracy" in summary[1]
+    assert summary[2].strip().startswith(f"final model: student_kd, {fin['compression']:.1f}x fewer bytes than the teacher")
+    assert summary[3].strip() == "ARM check:   not run (--arm-check off)"
 
 
 def _tensors(obj):
@@ -95,11 +100,16 @@ def test_report_rows_have_macro_f1_energy_and_latency_spread(short_run):
         assert row["energy_uj_est"] == energy_estimate(row["macs"], row["nonzero"])["total_uj"]
         assert abs(row["energy_uj_est"] - (row["macs"] * (3.7 + 0.9 + 5.0) + row["nonzero"] * 640.0) / 1e6) < 1e-9
         assert 0 < row["latency_ms"] <= row["latency_p90_ms"]
+        for rt in ("ort", "litert"):   # edge runtimes, batch 1, interleaved repeats: median within its p10-p90 spread
+            assert 0 < row[f"{rt}_p10_ms"] <= row[f"{rt}_ms"] <= row[f"{rt}_p90_ms"], row
+            assert row[f"{rt}_bytes"] > 0
         assert row["compressed_bytes"] <= row["bytes"]
     fin, rows = report["final"], {r["name"]: r for r in report["rows"]}
+    assert rows["student_kd"]["latency_from"] == "student" and rows["student_kd"]["ort_ms"] == rows["student"]["ort_ms"]
     assert fin["energy_ratio"] == rows["teacher"]["energy_uj_est"] / rows["student_kd"]["energy_uj_est"]
     md = (out / "report.md").read_text()
     assert "energy_uj_est: an ESTIMATE" in md and "Horowitz (ISSCC 2014)" in md and "Han et al. (2016)" in md
+    assert re.search(r"^\| name +\| latency_ms \| latency_p90_ms \| ort_ms \| ort_p10_ms \| ort_p90_ms \| litert_ms", md, re.M), md
 
 
 def test_recipe_file_picks_the_stages(tmp_path):
@@ -114,7 +124,7 @@ def test_recipe_file_picks_the_stages(tmp_path):
     ('stages = [{name = "teacher"}, {name = "sharpen"}]', "unknown stage 'sharpen'; choose one of"),
     ('stages = [{name = "student"}, {name = "quantize", mode = "ptq"}, {name = "prune", sparsity = 0.5}]',
      "stage 'prune' cannot come after 'quantize'"),
-    ('stages = [{name = "prune", amount = 0.5}]', "stage 'prune' has no option 'amount'; allowed: sparsity, method"),
+    ('stages = [{name = "prune", amount = 0.5}]', "stage 'prune' has no option 'amount'; allowed: epochs, lr, sparsity, method"),
     ('stages = [{name = "teacher"', "not valid TOML"),
     (None, "no such file"),
 ])
@@ -149,6 +159,10 @@ def test_same_seed_same_numbers(short_run, tmp_path):
     (["run", "--loss", "magic"], 2, "unknown loss 'magic'; choose one of: kd,"),
     (["run", "--prune", "0"], 2, "prune sparsity must be > 0, got 0.0"),
     (["run", "--device", "gpu"], 2, "unknown device 'gpu'; choose one of: auto, cpu, cuda"),
+    (["run", "--teacher", "resnet"], 2, "unknown model 'resnet'; choose one of: cnn, dscnn, mlp"),
+    (["run", "--student", "torchvision:mobilenet_v9"], 2, "unknown torchvision classification model 'mobilenet_v9'"),
+    (["run", "--student", "{tmp}/nets.py:make"], 2, "no such file"),
+    (["run", "--dataset", "imagefolder:{tmp}/nowhere"], 1, "does not exist; expected PATH/train/CLASS"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_output(tmp_path, args, code, message):
     (tmp_path / "afile").write_text("not a folder")
@@ -233,7 +247,9 @@ def test_default_dataset_distills_on_a_transfer_set_over_seeds(tmp_path):
     assert abs(sd["kd_gain_mean"] - sum(gains) / 2) < 1e-12
     assert abs(sd["kd_gain_std"] - abs(gains[0] - gains[1]) / 2 ** 0.5) < 1e-12     # sample std of two values
     assert sorted(p.name for p in (out / "seeds" / "seed-5" / "weights").iterdir()) == ["student.pt", "student_kd.pt", "teacher.pt"]
-    assert "over 2 seeds" in r.stdout.splitlines()[-1] and "± " in (out / "report.md").read_text()
+    kd_line = next(l for l in r.stdout.splitlines() if l.strip().startswith("KD gain:"))
+    assert f"{100 * sd['kd_gain_mean']:+.2f} ± {100 * sd['kd_gain_std']:.2f} points of test accuracy over 2 seeds" in kd_line, kd_line
+    assert "± " in (out / "report.md").read_text()
 
 
 def test_losses_command_lists_the_loss_option_choices():
