@@ -5,22 +5,34 @@
 # %% ../nbs/30_quantization.ipynb #aa7dc325
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
+import json
 import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .core import ConfigError, ShapeError, check_choice, check_number, eval_mode, set_mode, set_seed
+from .core import ConfigError, ShapeError, atomic_write, check_choice, check_number, eval_mode, set_mode, set_seed
 
 # %% auto #0
 __all__ = ['qrange', 'quantize', 'dequantize', 'stochastic_round', 'FakeQuantSTE', 'fake_quantize', 'calc_qparams',
            'estimate_range', 'choose_qparams', 'quantize_multiplier', 'requantize', 'IntegerLayer', 'fold_batchnorm',
-           'fake_quant_model', 'split_tensors', 'calibration_tensor', 'bitwidth_study', 'plot_bitwidth',
-           'pt2e_quantizer', 'quantize_model']
+           'weighted_layers', 'fake_quant_model', 'split_tensors', 'calibration_tensor', 'bitwidth_study',
+           'plot_bitwidth', 'layer_sensitivity', 'bit_allocations', 'choose_bits', 'plot_pareto', 'pt2e_quantizer',
+           'float_weight_ops', 'quantize_model', 'tflite_dynamic_range', 'cpu_features', 'time_interleaved',
+           'latency_stats', 'ort_quantize', 'ort_op_times']
 
 # %% ../nbs/30_quantization.ipynb #7e271811
 def qrange(bits:int=8, # bit width, an integer in [2, 16]
@@ -303,6 +315,19 @@ def fold_batchnorm(model:nn.Module, # a model whose Conv -> BatchNorm pairs sit 
                 seq._modules[a], seq._modules[b] = fuse_conv_bn_eval(conv, bn), nn.Identity()
     return m
 
+# %% ../nbs/30_quantization.ipynb #4a313fed
+def weighted_layers(model:nn.Module, # any eager model
+                   )->dict: # {layer name: module}
+    "The Linear and Conv layers of `model` by name: the layers whose weights quantization shrinks."
+    return {n: l for n, l in model.named_modules() if isinstance(l, _WEIGHTED)}
+
+def _layer_bits(w_bits, layers:dict)->dict:
+    "{layer name: bits} from one bit width for every layer or a dict naming some of them (checked)."
+    if not isinstance(w_bits, dict): return {n: w_bits for n in layers}
+    for n in w_bits:
+        if n not in layers: raise ConfigError(f"unknown layer {n!r} in w_bits; the weighted layers are: {', '.join(layers)}")
+    return {n: b for n, b in w_bits.items() if b is not None}
+
 # %% ../nbs/30_quantization.ipynb #e392fcea
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -312,21 +337,23 @@ def _act_hook(scale, zero_point, bits):
     return hook
 
 def fake_quant_model(model:nn.Module, # a trained float model
-                     w_bits:int|None=8, # weight bit width (None: weights stay float)
+                     w_bits:int|dict|None=8, # weight bit width, or {layer name: bits} for some layers (mixed precision); None: weights stay float
                      a_bits:int|None=None, # bit width of every weighted layer's input (None: activations stay float)
                      per_channel:bool=True, # one weight scale per output channel (else one per tensor)
                      method:str="minmax", # range estimator for weights and activations (see `estimate_range`)
                      calib_x:torch.Tensor|None=None, # training inputs that calibrate the activation ranges (needed with `a_bits`)
                     )->nn.Module: # a folded copy in eval mode
-    "A BatchNorm-folded copy of `model` with fake-quantized weights and, optionally, fake-quantized inputs of every Linear/Conv layer."
+    "A BatchNorm-folded copy of `model` with fake-quantized weights (one bit width, or one per layer) and, optionally, fake-quantized inputs of every Linear/Conv layer."
     if w_bits is None and a_bits is None: raise ConfigError("nothing to quantize: give w_bits, a_bits or both")
     m = fold_batchnorm(model)
-    layers = [l for l in m.modules() if isinstance(l, _WEIGHTED)]
+    named = {n: l for n, l in m.named_modules() if isinstance(l, _WEIGHTED)}
+    layers = list(named.values())
     if w_bits is not None:
-        qrange(w_bits); ax = 0 if per_channel else None
-        for l in layers:
-            s, z = choose_qparams(l.weight.data, w_bits, symmetric=True, axis=ax, method=method)
-            l.weight.data = fake_quantize(l.weight.data, s, z, w_bits, axis=ax)
+        ax = 0 if per_channel else None
+        for n, b in _layer_bits(w_bits, named).items():
+            qrange(b); l = named[n]
+            s, z = choose_qparams(l.weight.data, b, symmetric=True, axis=ax, method=method)
+            l.weight.data = fake_quantize(l.weight.data, s, z, b, axis=ax)
     if a_bits is not None:
         qrange(a_bits)
         if calib_x is None: raise ConfigError("a_bits needs calib_x: a few hundred real training inputs to calibrate the activation ranges")
@@ -409,6 +436,65 @@ def plot_bitwidth(rows:list, # rows from `bitwidth_study`
     ax.invert_xaxis()
     return ax.figure
 
+# %% ../nbs/30_quantization.ipynb #c395d94d
+def layer_sensitivity(model:nn.Module, # a trained float model
+                      dls, # its `DataLoaders`
+                      bits:tuple=(8, 6, 4, 3, 2), # weight bit widths to try per layer
+                      split:str="valid", # where accuracy is measured (choices are made on 'valid')
+                      per_channel:bool=True, # per-channel weight grids
+                      method:str="minmax", # range estimator (see `estimate_range`)
+                     )->list: # one dict per (layer, bits): layer, bits, params, accuracy, drop
+    "Accuracy when the weights of one layer alone are fake-quantized to each bit width, the rest staying float."
+    for b in bits: qrange(b)
+    x, y = split_tensors(dls, split)
+    base = _accuracy(model, x, y)
+    rows = []
+    for name, layer in weighted_layers(fold_batchnorm(model)).items():
+        for b in bits:
+            acc = _accuracy(fake_quant_model(model, {name: b}, None, per_channel, method), x, y)
+            rows.append(dict(layer=name, bits=b, params=layer.weight.numel(), accuracy=acc, drop=base - acc))
+    return rows
+
+# %% ../nbs/30_quantization.ipynb #ca9ff842
+def bit_allocations(sens:list, # rows from `layer_sensitivity` (layer, bits, params, drop)
+                   )->list: # Pareto-optimal allocations, by increasing bytes: dict(bits={layer: b}, bytes, cost)
+    "Every allocation of one bit width per layer that no other beats on both weight bytes and summed accuracy drop (exact, by merging Pareto frontiers layer by layer)."
+    if not sens: raise ConfigError("sens is empty: run layer_sensitivity first")
+    layers = list(dict.fromkeys(r["layer"] for r in sens))
+    front = [(0, 0.0, {})]   # (weight bits, cost, allocation)
+    for name in layers:
+        opts = [(r["params"] * r["bits"], max(float(r["drop"]), 0.0), r["bits"]) for r in sens if r["layer"] == name]
+        cand = sorted(((nb + ob, c + oc, {**a, name: b}) for nb, c, a in front for ob, oc, b in opts), key=lambda t: (t[0], t[1]))
+        front, best = [], float("inf")
+        for t in cand:
+            if t[1] < best - 1e-12: front.append(t); best = t[1]
+    return [dict(bits=a, bytes=nb / 8, cost=c) for nb, c, a in front]
+
+# %% ../nbs/30_quantization.ipynb #e903ae29
+def choose_bits(sens:list, # rows from `layer_sensitivity`
+                budget_bytes:float, # the most bytes the quantized weights may take
+               )->dict: # {layer name: bits}
+    "The allocation of bit widths with the smallest summed validation accuracy drop whose weights fit in `budget_bytes`."
+    front = bit_allocations(sens)
+    fits = [a for a in front if a["bytes"] <= budget_bytes]
+    if not fits: raise ConfigError(f"budget_bytes={budget_bytes} is below the smallest allocation ({front[0]['bytes']:g} bytes, every layer at its fewest bits)")
+    return min(fits, key=lambda a: (a["cost"], a["bytes"]))["bits"]
+
+# %% ../nbs/30_quantization.ipynb #6ca8cb4d
+def plot_pareto(series:dict, # label -> list of (bytes, accuracy) points
+                title:str="Accuracy vs bytes", # figure title
+                ax=None, # a matplotlib Axes to draw on (None: a new figure)
+                fp32:float|None=None, # the fp32 accuracy, drawn as a dashed line
+               ):
+    "Accuracy against weight bytes, one line per series (e.g. uniform and mixed bit widths); returns the figure."
+    from matplotlib.figure import Figure
+    if ax is None: ax = Figure(figsize=(6, 3.5)).subplots()
+    for i, (label, pts) in enumerate(series.items()):
+        ax.plot(*zip(*sorted(pts)), "o-" if i == 0 else "s--", color=f"C{i}", label=label)
+    if fp32 is not None: ax.axhline(fp32, color="k", ls=":", lw=1, label="fp32")
+    ax.set_xlabel("weight bytes"); ax.set_ylabel("accuracy"); ax.set_title(title); ax.legend(fontsize=8); ax.grid(alpha=0.3)
+    return ax.figure
+
 # %% ../nbs/30_quantization.ipynb #9e8f2291
 def pt2e_quantizer(backend:str="x86", # 'x86' (X86InductorQuantizer) or 'arm' (ArmInductorQuantizer)
                    w_bits:int=8, # weight bit width: the backend's int8 weight spec with the range of `qrange(w_bits)`
@@ -423,6 +509,23 @@ def pt2e_quantizer(backend:str="x86", # 'x86' (X86InductorQuantizer) or 'arm' (A
     else: quantizer, cfg = arm.ArmInductorQuantizer(), arm.get_default_arm_inductor_quantization_config(is_qat=qat)
     if w_bits != 8: cfg = dataclasses.replace(cfg, weight=dataclasses.replace(cfg.weight, quant_min=lo, quant_max=hi))
     return quantizer.set_global(cfg)
+
+# %% ../nbs/30_quantization.ipynb #de65a631
+def float_weight_ops(graph:torch.fx.GraphModule, # a converted PT2E graph (`convert_pt2e` output)
+                    )->list: # one line per op, e.g. "aten.conv_transpose2d in layer 'up' (ConvTranspose2d)"
+    "The ops of a quantized graph that still compute with a float weight (a tensor of 2 or more dimensions read directly, not through a dequantize): what the quantizer could not handle."
+    out = []
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or str(node.target).startswith("quantized_decomposed."): continue
+        consts = []
+        torch.fx.node.map_arg((node.args, node.kwargs), lambda a: consts.append(a) if a.op == "get_attr" else None)
+        tensors = [functools.reduce(getattr, a.target.split("."), graph) for a in consts]
+        if not any(torch.is_tensor(t) and t.is_floating_point() and t.ndim >= 2 for t in tensors): continue
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        path, cls = stack[-1] if stack else ("", "")
+        op = ".".join(str(node.target).split(".")[:2])
+        out.append(f"{op} in layer {path!r} ({str(cls).split('.')[-1]})" if path else op)
+    return out
 
 # %% ../nbs/30_quantization.ipynb #3da42ff5
 def _export_graph(model:nn.Module, x:torch.Tensor, training:bool)->torch.fx.GraphModule:
@@ -447,6 +550,7 @@ def quantize_model(model:nn.Module, # a trained float model (it is not modified)
                    calib_n:int=256, # calibration samples
                    progress:bool=False, # QAT progress bars
                    fold_bn:bool=False, # QAT: fold BatchNorm into the convolutions first (fast to prepare) instead of torchao's conv-BN QAT simulation
+                   allow_float:bool=False, # keep layers the quantizer cannot handle in float32 (else a `ConfigError` names them)
                   )->nn.Module: # a converted PT2E graph (QDQ), eval mode
     "Static quantization with torchao's PT2E flow: post-training (calibrated on training samples) or quantization-aware training in the Learner, distilled from `teacher` if given."
     check_choice(mode, "mode", ["ptq", "qat"])
@@ -470,8 +574,127 @@ def quantize_model(model:nn.Module, # a trained float model (it is not modified)
         Learner(g, dls, lr=lr, cbs=[DistillationCB(teacher)] if teacher is not None else [], progress=progress).fit(epochs)
     set_mode(g, False)
     q = convert_pt2e(g)
+    left = float_weight_ops(q)
+    if left and not allow_float:
+        more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+        raise ConfigError(f"the {backend} PT2E quantizer cannot handle {left[0]}{more}: its weights would stay float32; "
+                          "replace that layer, or pass allow_float=True to keep it in float")
     allow_exported_model_train_eval(q)
     set_mode(q, False)
     for a in ("input_shape", "n_classes"):
         if hasattr(model, a): setattr(q, a, getattr(model, a))
     return q
+
+# %% ../nbs/30_quantization.ipynb #cb607eea
+def tflite_dynamic_range(model_path, # an fp32 .tflite file, e.g. from `edgekd.export.export_tflite`
+                         out, # the quantized .tflite file to write
+                        )->Path: # `out`
+    "TFLite dynamic-range quantization with AI Edge Quantizer (recipe `dynamic_wi8_afp32`): int8 weights per channel, float activations quantized on the fly; no calibration; written atomically."
+    from ai_edge_quantizer import quantizer, recipe
+    try: res = quantizer.Quantizer(str(model_path), recipe.dynamic_wi8_afp32()).quantize(None, enable_progress_report=False)
+    except Exception as e:
+        raise ConfigError(f"AI Edge Quantizer could not quantize {Path(model_path).name} to dynamic-range int8: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+    return atomic_write(Path(out), bytes(res.quantized_model))
+
+# %% ../nbs/30_quantization.ipynb #e0f19d2e
+_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimd", "asimddp", "i8mm")
+
+def cpu_features()->dict: # model, isa (the instruction-set flags that matter for int8 and fp32 kernels), vnni
+    "The CPU model and its SIMD flags that decide which int8 kernels a runtime can use (from /proc/cpuinfo; VNNI = a one-instruction int8 dot product)."
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() in ("model name", "Model") and model in ("", platform.machine(), platform.processor()): model = v.strip()
+            if k.strip() in ("flags", "Features"): flags |= set(v.split())
+    isa = [f for f in _ISA_FLAGS if f in flags]
+    return dict(model=model, isa=isa, vnni=any(f in flags for f in ("avx512_vnni", "avx_vnni", "asimddp")))
+
+# %% ../nbs/30_quantization.ipynb #29013df3
+def time_interleaved(fns:dict, # name -> a function of no arguments (one call is one measurement)
+                     rounds:int=200, # timed calls of each function
+                     warmup:int=10, # untimed calls of each function first
+                     seed:int=0, # seed of the call order within each round
+                    )->dict: # name -> numpy array of `rounds` call times in microseconds
+    "Time several functions interleaved: each round calls every function once, in a fresh random order, so that load from other processes hits all of them alike."
+    check_number(rounds, "rounds", lo=1, integer=True); check_number(warmup, "warmup", lo=0, integer=True)
+    if not fns: raise ConfigError("fns is empty: give at least one function to time")
+    for f in fns.values():
+        for _ in range(warmup): f()
+    names, times = list(fns), {n: [] for n in fns}
+    rng = np.random.default_rng(seed)
+    for _ in range(rounds):
+        for i in rng.permutation(len(names)):
+            t0 = time.perf_counter(); fns[names[i]](); times[names[i]].append(time.perf_counter() - t0)
+    return {n: np.array(v) * 1e6 for n, v in times.items()}
+
+def latency_stats(t:np.ndarray, # call times, e.g. one entry of `time_interleaved`
+                 )->dict: # median_us, p10_us, p90_us, min_us, n
+    "Median, 10th and 90th percentiles and minimum of call times (microseconds)."
+    t = np.asarray(t, dtype=float)
+    if t.size == 0: raise ConfigError("no call times to summarise")
+    return dict(median_us=float(np.median(t)), p10_us=float(np.percentile(t, 10)), p90_us=float(np.percentile(t, 90)), min_us=float(t.min()), n=int(t.size))
+
+# %% ../nbs/30_quantization.ipynb #70324dbf
+def ort_quantize(model_path, # an fp32 .onnx file, e.g. from `edgekd.export.export_onnx`
+                 calibration:torch.Tensor, # real training inputs (n, *input_shape) for the activation ranges
+                 out, # the int8 .onnx file to write
+                 format:str="qdq", # 'qdq' (QuantizeLinear/DequantizeLinear around float ops) or 'qoperator' (QLinearConv, QLinearMatMul, ...)
+                 activations:str="u8", # activation type: 'u8' (uint8) or 's8' (int8); weights are always int8
+                 per_channel:bool=True, # one weight scale per output channel
+                 reduce_range:bool=False, # 7-bit weights, so that x86 u8 x s8 kernels without VNNI cannot saturate their int16 sums
+                 calib_batch:int=32, # samples per calibration batch
+                )->Path: # `out`
+    "Static int8 quantization with ONNX Runtime in one of its configurations (format, activation type, per-channel, reduce_range), min/max calibration; written atomically."
+    check_choice(format, "format", ["qdq", "qoperator"]); check_choice(activations, "activations", ["u8", "s8"])
+    check_number(calib_batch, "calib_batch", lo=1, integer=True)
+    x = _check_data(torch.as_tensor(calibration), "calibration data").numpy().astype("float32")
+    import onnxruntime as ort
+    from onnxruntime import quantization as q
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    name = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self): self.it = iter(range(0, len(x), calib_batch))
+        def get_next(self):
+            i = next(self.it, None)
+            return None if i is None else {name: x[i:i + calib_batch]}
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".ortq-") as d:
+        pre, res = Path(d)/"pre.onnx", Path(d)/"int8.onnx"
+        quant_pre_process(str(model_path), str(pre))
+        q.quantize_static(str(pre), str(res), Reader(), quant_format=q.QuantFormat.QDQ if format == "qdq" else q.QuantFormat.QOperator,
+                          per_channel=per_channel, reduce_range=reduce_range, weight_type=q.QuantType.QInt8,
+                          activation_type=q.QuantType.QUInt8 if activations == "u8" else q.QuantType.QInt8,
+                          calibrate_method=q.CalibrationMethod.MinMax)
+        os.replace(res, out)
+    return out
+
+# %% ../nbs/30_quantization.ipynb #8892b638
+def ort_op_times(model_path, # an .onnx file
+                 x:np.ndarray, # one input batch
+                 runs:int=50, # profiled calls (after 5 warm-up calls)
+                 threads:int=1, # intra-op threads
+                )->list: # one dict per op type: op, calls, us_per_run, share; by decreasing time
+    "Time per operator type inside ONNX Runtime, from its profiler (`SessionOptions.enable_profiling`): the median over `runs` calls (after 5 warm-up calls) of each type's time in one call."
+    import onnxruntime as ort
+    check_number(runs, "runs", lo=1, integer=True)
+    with tempfile.TemporaryDirectory() as d:
+        o = ort.SessionOptions(); o.intra_op_num_threads, o.inter_op_num_threads = threads, 1
+        o.log_severity_level = 3
+        o.enable_profiling, o.profile_file_prefix = True, str(Path(d)/"prof")
+        sess = ort.InferenceSession(str(model_path), o, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: np.asarray(x, dtype=np.float32)}
+        for _ in range(5 + runs): sess.run(None, feed)   # the first calls pack weights and allocate: not counted
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")[5:]
+    per_run, n = {}, {}   # op -> time in each profiled call (microseconds); op -> nodes per call
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or not starts or e["ts"] < starts[0]: continue
+        run, op = int(np.searchsorted(starts, e["ts"], side="right")) - 1, e["args"]["op_name"]
+        per_run.setdefault(op, np.zeros(len(starts)))[run] += e["dur"]
+        n[op] = n.get(op, 0) + 1
+    med = {op: float(np.median(v)) for op, v in per_run.items()}   # the median resists calls preempted by other processes
+    total = sum(med.values()) or 1.0
+    return [dict(op=op, calls=n[op] // len(starts), us_per_run=t, share=t / total) for op, t in sorted(med.items(), key=lambda kv: -kv[1])]

@@ -228,3 +228,144 @@ def test_calibration_tensor_checks():
     eq(c.shape, (50, 1, 6, 6))
     eq(calibration_tensor(dls, 50, seed=1), c)   # seeded
     fails(lambda: calibration_tensor(dls, 0), contains="n must be >= 1")
+
+
+# --- mixed precision, unsupported ops, ONNX Runtime / TFLite variants, timing helpers ---
+import itertools
+from pathlib import Path
+
+from edgekd.quant import (bit_allocations, choose_bits, float_weight_ops, latency_stats, ort_op_times, ort_quantize,
+                          quantize_model, tflite_dynamic_range, time_interleaved, weighted_layers)
+
+
+def _brute_force(sens):
+    layers = list(dict.fromkeys(r["layer"] for r in sens))
+    return [(sum(r["params"] * r["bits"] for r in c) / 8, sum(max(r["drop"], 0) for r in c))
+            for c in itertools.product(*[[r for r in sens if r["layer"] == n] for n in layers])]
+
+
+@pytest.mark.parametrize("seed", [61, 62, 63])
+def test_bit_allocation_is_the_exact_knapsack(seed):
+    rng = np.random.default_rng(seed)
+    sens = [dict(layer=f"layer{i}", bits=b, params=int(p), drop=float(rng.normal(0.02, 0.05) * 8 / b))
+            for i, p in enumerate(rng.integers(10, 3000, 5)) for b in (8, 5, 3, 2)]
+    allocs = _brute_force(sens)
+    front = bit_allocations(sens)
+    pareto = sorted({a for a in allocs if not any((o[0] <= a[0] and o[1] < a[1] - 1e-12) or (o[0] < a[0] and o[1] <= a[1] + 1e-12) for o in allocs)})
+    close(np.array([(f["bytes"], f["cost"]) for f in front]), np.array(pareto), eps=1e-9)
+    for budget in np.linspace(min(a[0] for a in allocs), max(a[0] for a in allocs), 9):
+        got = choose_bits(sens, budget)
+        b = sum(r["params"] * r["bits"] for r in sens if got[r["layer"]] == r["bits"]) / 8
+        c = sum(max(r["drop"], 0) for r in sens if got[r["layer"]] == r["bits"])
+        assert b <= budget + 1e-9
+        close(c, min(a[1] for a in allocs if a[0] <= budget + 1e-9), eps=1e-9)
+    fails(lambda: choose_bits(sens, 1), contains="is below the smallest allocation")
+
+
+def test_fake_quant_model_per_layer_bits():
+    torch.manual_seed(71)
+    m = nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 4))
+    q = fake_quant_model(m, {"2": 3})
+    eq(torch.equal(q[0].weight, m[0].weight), True)                       # unnamed layer: float
+    s, z = choose_qparams(m[2].weight.detach(), 3, symmetric=True, axis=0)
+    eq(torch.equal(q[2].weight.detach(), fake_quantize(m[2].weight.detach(), s, z, 3, axis=0)), True)   # named layer: its own grid
+    eq(list(weighted_layers(m)), ["0", "2"])
+    fails(lambda: fake_quant_model(m, {"1": 4}), contains="unknown layer '1' in w_bits; the weighted layers are: 0, 2")
+    fails(lambda: fake_quant_model(m, {"0": 17}), contains="bits must be <= 16, got 17")
+
+
+class _Bilinear(nn.Module):
+    "A Linear, then a Bilinear layer (no PT2E quantizer annotates aten.bilinear)."
+    def __init__(self):
+        super().__init__(); self.fc, self.pair = nn.Linear(16, 6), nn.Bilinear(6, 6, 10)
+        self.input_shape, self.n_classes = (1, 4, 4), 10
+    def forward(self, x):
+        h = self.fc(x.flatten(1)).relu()
+        return self.pair(h, h)
+
+
+def _tiny_dls4(seed=81, shape=(1, 4, 4)):
+    from edgekd.data import from_tensors
+    g = torch.Generator().manual_seed(seed)
+    return from_tensors(torch.randn(96, *shape, generator=g), torch.randint(0, 10, (96,), generator=g),
+                        torch.randn(16, *shape, generator=g), torch.randint(0, 10, (16,), generator=g), batch_size=16)
+
+
+@pytest.mark.parametrize("backend", ["x86", "arm"])
+def test_unsupported_op_is_named_with_its_layer(backend):
+    dls = _tiny_dls4()
+    with pytest.raises(ConfigError) as e: quantize_model(_Bilinear(), dls, "ptq", backend=backend, calib_n=32)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1
+    assert f"the {backend} PT2E quantizer cannot handle aten.bilinear in layer 'pair' (Bilinear)" in msg and "allow_float=True" in msg
+    q = quantize_model(_Bilinear(), dls, "ptq", backend=backend, calib_n=32, allow_float=True)
+    eq(float_weight_ops(q), ["aten.bilinear in layer 'pair' (Bilinear)"])
+    eq(float_weight_ops(quantize_model(nn.Sequential(nn.Flatten(), nn.Linear(16, 10)), dls, "ptq", backend=backend, calib_n=32)), [])
+
+
+def _onnx_mlp(tmp_path):
+    from edgekd.export import export_onnx
+    from edgekd.models import MLP
+    torch.manual_seed(91)
+    m = MLP((1, 4, 4), 10, widths=(32,)).eval()
+    return m, export_onnx(m, out=tmp_path/"fp32.onnx")
+
+
+def test_ort_quantize_configurations(tmp_path):
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    from edgekd.export import predict
+    m, fp = _onnx_mlp(tmp_path)
+    x = torch.randn(200, 1, 4, 4, generator=torch.Generator().manual_seed(92))
+    ref = predict(fp, x.numpy()).argmax(1)
+    for fmt, act, rr in [("qdq", "u8", True), ("qdq", "s8", False), ("qoperator", "u8", False), ("qoperator", "s8", False)]:
+        p = ort_quantize(fp, x[:100], tmp_path/f"{fmt}_{act}_{rr}.onnx", format=fmt, activations=act, reduce_range=rr)
+        g = onnx.load(str(p)).graph
+        ops = {n.op_type for n in g.node}
+        eq("QuantizeLinear" in ops, True)
+        eq(bool(ops & {"QLinearMatMul", "QGemm", "MatMulInteger"}), fmt == "qoperator")
+        w = [numpy_helper.to_array(t) for t in g.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 2]
+        assert w and max(int(np.abs(a).max()) for a in w) <= (64 if rr else 127)
+        acts = [t for t in g.initializer if t.name.endswith("zero_point") and t.data_type in (TensorProto.UINT8, TensorProto.INT8)]
+        assert any(t.data_type == (TensorProto.UINT8 if act == "u8" else TensorProto.INT8) for t in acts)
+        assert (predict(p, x.numpy()).argmax(1) == ref).mean() >= 0.9
+    bad = x[:10].clone(); bad[3, 0, 0, 0] = float("nan")
+    fails(lambda: ort_quantize(fp, bad, tmp_path/"bad.onnx"), contains="calibration data holds 1 NaN or Inf")
+    fails(lambda: ort_quantize(fp, x[:0], tmp_path/"bad.onnx"), contains="calibration data is empty")
+    fails(lambda: ort_quantize(fp, x, tmp_path/"bad.onnx", activations="s16"), contains="unknown activations 's16'")
+    assert not (tmp_path/"bad.onnx").exists()
+
+
+def test_tflite_dynamic_range(tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+    from edgekd.export import export_tflite, predict
+    from edgekd.models import MLP
+    torch.manual_seed(93)
+    m = MLP((1, 4, 4), 10, widths=(64,)).eval()
+    fp = export_tflite(m, out=tmp_path/"fp32.tflite")
+    dyn = tflite_dynamic_range(fp, tmp_path/"dyn.tflite")
+    it = Interpreter(model_path=str(dyn)); it.allocate_tensors()
+    assert sum(d["dtype"] == np.int8 for d in it.get_tensor_details()) >= 2
+    eq(it.get_input_details()[0]["dtype"], np.float32)
+    x = np.random.default_rng(94).standard_normal((64, 1, 4, 4)).astype(np.float32)
+    assert (predict(dyn, x).argmax(1) == predict(fp, x).argmax(1)).mean() >= 0.95
+    assert dyn.stat().st_size < fp.stat().st_size
+    (tmp_path/"junk.tflite").write_bytes(b"\x00" * 64)
+    fails(lambda: tflite_dynamic_range(tmp_path/"junk.tflite", tmp_path/"out.tflite"), contains="AI Edge Quantizer could not quantize junk.tflite")
+    assert not (tmp_path/"out.tflite").exists()
+
+
+def test_timing_helpers_and_profiler(tmp_path):
+    import time
+    calls = []
+    t = time_interleaved({"fast": lambda: calls.append("f"), "slow": lambda: (calls.append("s"), time.sleep(0.001))}, rounds=15, warmup=2)
+    eq([sorted(calls[4 + 2 * i:6 + 2 * i]) for i in range(15)], [["f", "s"]] * 15)
+    assert t["slow"].min() >= 1000 and len(t["fast"]) == 15
+    a = np.array([9.0, 1.0, 4.0, 16.0])
+    eq(latency_stats(a), dict(median_us=6.5, p10_us=float(np.percentile(a, 10)), p90_us=float(np.percentile(a, 90)), min_us=1.0, n=4))
+    _, fp = _onnx_mlp(tmp_path)
+    import onnx
+    prof = ort_op_times(fp, np.zeros((1, 1, 4, 4), np.float32), runs=20)
+    close(sum(r["share"] for r in prof), 1.0, eps=1e-9)
+    assert {r["op"] for r in prof} <= {n.op_type for n in onnx.load(str(fp)).graph.node} | {"FusedGemm", "FusedMatMul", "MatMul", "Gemm"}
+    assert all(r["us_per_run"] > 0 and r["calls"] >= 1 for r in prof)

@@ -23,7 +23,8 @@ from ..profile import time_calls
 from ..quant import calibration_tensor, quantize_model, split_tensors
 
 # %% auto #0
-__all__ = ['QUANT_FULL', 'QUANT_FAST', 'tensor_bytes', 'quantization_experiment']
+__all__ = ['QUANT_FULL', 'QUANT_FAST', 'SPEED_FULL', 'SPEED_FAST', 'INT8_VARIANTS', 'PEAKS', 'tensor_bytes',
+           'quantization_experiment', 'digits32', 'speed_models', 'plot_speedup', 'int8_speed_experiment']
 
 # %% ../../nbs/30a_quantization_experiments.ipynb #45132dfd
 def tensor_bytes(model:nn.Module, # an eager model or an exported (PT2E) graph
@@ -120,3 +121,150 @@ def quantization_experiment(seeds:list=(0, 1, 2), # one trained fp32 model per s
                             columns=["runtime", "method", "bits", "n", "valid_accuracy", "test_accuracy", "bytes", "latency_us"],
                             notes=("Latency: median of batch-1 calls on one thread, in microseconds. Bytes: tensors for PyTorch models (PT2E: int8 weights, also for 2-bit grids), file size for ONNX and TFLite. PT2E graphs run in PyTorch as reference "
                                    "quantize/dequantize graphs in float, so their PyTorch latency is not int8 speed."))
+
+# %% ../../nbs/30a_quantization_experiments.ipynb #c82bf2e8
+def digits32(seed:int=0, # seeds the validation split and the training order
+             batch_size:int=64, # samples per batch
+            ):
+    "The digits loaders with every image upsampled bilinearly from 8x8 to 32x32 (same train/valid/test split as `get_loaders('digits', seed=seed)`)."
+    import torch.nn.functional as F
+    from edgekd.data import from_tensors
+    dls = get_loaders("digits", batch_size=batch_size, seed=seed)
+    up = lambda x: F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    (xt, yt), (xv, yv), (xs, ys) = (split_tensors(dls, s) for s in ("train", "valid", "test"))
+    return from_tensors(up(xt), yt, up(xs), ys, batch_size=batch_size, seed=seed, x_valid=up(xv), y_valid=yv, name="digits32")
+
+# %% ../../nbs/30a_quantization_experiments.ipynb #9f2bb1a2
+SPEED_FULL = dict(widths=(1, 4, 12), base=(8, 16, 16, 16, 16), epochs_small=10, epochs_cnn32=2, lr=3e-3, rounds_small=1000, rounds_big=150, profile_runs=100)
+SPEED_FAST = dict(widths=(1,), base=(4, 8, 8, 8, 8), epochs_small=1, epochs_cnn32=1, lr=3e-3, rounds_small=20, rounds_big=10, profile_runs=5)
+
+INT8_VARIANTS = {  # name -> (runtime, how the int8 file is made from the fp32 one)
+    "QDQ u8/s8 reduce_range": ("onnxruntime", dict(format="qdq", activations="u8", per_channel=True, reduce_range=True)),
+    "QDQ u8/s8": ("onnxruntime", dict(format="qdq", activations="u8", per_channel=True, reduce_range=False)),
+    "QDQ s8/s8": ("onnxruntime", dict(format="qdq", activations="s8", per_channel=True, reduce_range=False)),
+    "QOperator s8/s8": ("onnxruntime", dict(format="qoperator", activations="s8", per_channel=True, reduce_range=False)),
+    "QOperator u8/s8": ("onnxruntime", dict(format="qoperator", activations="u8", per_channel=True, reduce_range=False)),
+    "int8 (AI Edge Quantizer)": ("litert", "int8"),
+    "dynamic-range int8": ("litert", "dynamic"),
+}
+
+def speed_models(cfg:dict)->list:
+    "(name, dataset, builder) of the models of the size sweep: the tiny MLP and the 8x8 CNN on digits, then CNNs of growing width on digits32."
+    rows = [("MLP 8x8 (128, 128)", "digits", lambda: MLP((1, 8, 8), 10, widths=(128, 128))),
+            ("CNN 8x8 (32, 64)", "digits", lambda: CNN((1, 8, 8), 10, channels=(32, 64)))]
+    for k in cfg["widths"]:
+        ch = tuple(k * c for c in cfg["base"])
+        rows.append((f"CNN 32x32 {ch}", "digits32", functools.partial(CNN, (1, 32, 32), 10, channels=ch)))
+    return rows
+
+# %% ../../nbs/30a_quantization_experiments.ipynb #295d9f15
+def _build_variants(model:nn.Module, calib:torch.Tensor, folder:Path)->dict:
+    "name -> (runtime, file): the fp32 ONNX and TFLite files of `model` and every int8 variant of `INT8_VARIANTS`."
+    from edgekd.export import export_onnx, export_tflite, quantize_tflite
+    from edgekd.quant import ort_quantize, tflite_dynamic_range
+    fp_onnx, fp_tfl = export_onnx(model, out=folder/"fp32.onnx"), export_tflite(model, out=folder/"fp32.tflite")
+    arts = {"fp32 (onnxruntime)": ("onnxruntime", fp_onnx), "fp32 (litert)": ("litert", fp_tfl)}
+    for i, (name, (rt, how)) in enumerate(INT8_VARIANTS.items()):
+        if rt == "onnxruntime": p = ort_quantize(fp_onnx, calib, folder/f"v{i}.onnx", **how)
+        elif how == "int8": p = quantize_tflite(fp_tfl, calib.numpy(), folder/f"v{i}.tflite", "int8")
+        else: p = tflite_dynamic_range(fp_tfl, folder/f"v{i}.tflite")
+        arts[name] = (rt, p)
+    return arts
+
+def _accuracy_rows(arts:dict, xv, yv, xt, yt)->dict:
+    "name -> dict(valid_accuracy, test_accuracy, bytes) of every file in `arts`."
+    from edgekd.export import load_runtime
+    out = {}
+    for name, (rt, p) in arts.items():
+        r = load_runtime(p)
+        acc = lambda x, y: float((r.predict(x.numpy()).argmax(1) == y.numpy()).mean())
+        out[name] = dict(runtime=rt, valid_accuracy=acc(xv, yv), test_accuracy=acc(xt, yt), bytes=Path(p).stat().st_size)
+    return out
+
+# %% ../../nbs/30a_quantization_experiments.ipynb #e52173b5
+PEAKS = {"AVX2 without VNNI (int8 peak)": 2.0, "VNNI machine (ORT QDQ probe)": 2.8}   # the reference ratios the chapter compares against
+
+def _speed_summary(speed:list, accs:list, largest:str, tolerance:float)->dict:
+    "Headline numbers (p10 ratios): the fastest int8 variant on the largest model within `tolerance` on validation (mean over seeds), its test loss, and the best ratio per runtime."
+    big = [r for r in speed if r["model"] == largest and not r["variant"].startswith("fp32")]
+    seeds_acc = {v: [a for a in accs if a["model"] == largest and a["variant"] == v] for v in {r["variant"] for r in big}}
+    mean = lambda v, k: float(np.mean([a[k] for a in seeds_acc[v]]))
+    ok = [r for r in big if mean(r["variant"], "valid_drop") <= tolerance + 1e-12]
+    s = {"largest model": f"{largest}, {big[0]['macs'] / 1e6:.1f} MMACs" if big else largest}
+    if ok:
+        best = max(ok, key=lambda r: r["speedup_p10"])
+        drops = [100 * a["test_drop"] for a in seeds_acc[best["variant"]]]
+        s["fastest within tolerance on valid"] = best["variant"]
+        s["its speedup (p10 / min / median)"] = f"{best['speedup_p10']:.2f}x / {best['speedup_min']:.2f}x / {best['speedup']:.2f}x"
+        s[f"its test loss over {len(drops)} seeds (points)"] = f"{np.mean(drops):.2f} ± {np.std(drops, ddof=1) if len(drops) > 1 else 0:.2f}"
+        for k, p in PEAKS.items(): s[f"p10 speedup / {k} {p}x"] = round(best["speedup_p10"] / p, 2)
+    for rt in ("onnxruntime", "litert"):
+        rs = [r for r in big if r["runtime"] == rt]
+        if rs: b = max(rs, key=lambda r: r["speedup_p10"]); s[f"best {rt} variant (p10 ratio)"] = f"{b['variant']}: {b['speedup_p10']:.2f}x"
+    return s
+
+# %% ../../nbs/30a_quantization_experiments.ipynb #625be01e
+def plot_speedup(speed:list, # rows of the `int8-speed` experiment (model, macs, variant, runtime, speedup)
+                 ax=None, # a matplotlib Axes to draw on (None: a new figure)
+                ):
+    "fp32/int8 latency ratio (10th percentiles) against MACs, one line per int8 variant (solid: ONNX Runtime, dashed: LiteRT); 1 = no gain."
+    from matplotlib.figure import Figure
+    if ax is None: ax = Figure(figsize=(7, 4)).subplots()
+    for i, v in enumerate(dict.fromkeys(r["variant"] for r in speed if not r["variant"].startswith("fp32"))):
+        pts = sorted((r["macs"], r["speedup_p10"], r["runtime"]) for r in speed if r["variant"] == v)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if pts[0][2] == "onnxruntime" else "s--", color=f"C{i}", label=v)
+    ax.axhline(1, color="k", lw=1); ax.axhline(1.8, color="grey", ls=":", lw=1, label="target 1.8x")
+    ax.set_xscale("log"); ax.set_yscale("log"); ax.set_xlabel("MACs per sample"); ax.set_ylabel("fp32 / int8 latency (10th percentiles)")
+    ax.set_title("Where int8 pays off (batch 1, one thread)"); ax.legend(fontsize=7); ax.grid(alpha=0.3, which="both")
+    return ax.figure
+
+# %% ../../nbs/30a_quantization_experiments.ipynb #5bee9ad0
+@register_experiment("int8-speed", "Where int8 pays off: fp32/int8 latency at batch 1 on one thread in ONNX Runtime (QDQ/QOperator, u8/s8, reduce_range) and LiteRT (int8, dynamic-range), from the tiny MLP to a 71 MMAC CNN; per-op profile; accuracy over seeds on the largest CNN")
+def int8_speed_experiment(seeds:list=(0, 1, 2), # the first seed trains every model of the sweep; all seeds train the largest CNN (accuracy over seeds)
+                          fast:bool=False, # tiny settings (numbers not meaningful)
+                          progress:bool=True, # one progress step per trained model
+                          tolerance:float=0.005, # the fastest int8 variant is chosen among those within this validation accuracy loss
+                         )->ExperimentResult:
+    "Latency ratio fp32/int8 of every int8 variant across model sizes (interleaved timing, one thread, batch 1), ORT per-op profiles, and the accuracy cost over seeds; the fastest variant is chosen on validation."
+    from edgekd.export import load_runtime
+    from edgekd.profile import count_macs
+    from edgekd.quant import cpu_features, latency_stats, ort_op_times, time_interleaved
+    check_number(tolerance, "tolerance", lo=0, hi=1)
+    cfg, seeds = (SPEED_FAST if fast else SPEED_FULL), list(seeds)
+    models = speed_models(cfg)
+    jobs = [(m, seeds[0]) for m in models] + [(models[-1], s) for s in seeds[1:]]
+    speed, accs, profiles = [], [], []
+    for (name, ds, build), seed in track(jobs, "int8-speed", enable=progress):
+        dls = get_loaders("digits", seed=seed) if ds == "digits" else digits32(seed)
+        set_seed(seed); model = build()
+        with num_threads(1): Learner(model, dls, lr=cfg["lr"], cbs=[SchedulerCB("onecycle")], progress=False).fit(cfg["epochs_cnn32" if ds == "digits32" else "epochs_small"])
+        model.eval()
+        macs = count_macs(model)
+        (xv, yv), (xt, yt) = split_tensors(dls, "valid"), split_tensors(dls, "test")
+        with tempfile.TemporaryDirectory() as d, num_threads(1):
+            arts = _build_variants(model, calibration_tensor(dls, 256, seed), Path(d))
+            acc = _accuracy_rows(arts, xv, yv, xt, yt)
+            for k, a in acc.items():
+                ref = acc[f"fp32 ({a['runtime']})"]
+                a.update(valid_drop=ref["valid_accuracy"] - a["valid_accuracy"], test_drop=ref["test_accuracy"] - a["test_accuracy"])
+                accs.append(dict(part="accuracy", model=name, macs=macs, seed=seed, variant=k, **a))
+            if seed != seeds[0]: continue
+            rts = {k: load_runtime(p) for k, (_, p) in arts.items()}
+            x1 = xt[:1].numpy()
+            t = time_interleaved({k: functools.partial(r.model.run, x1) for k, r in rts.items()}, seed=seed,
+                                 rounds=cfg["rounds_big" if macs > 5e6 else "rounds_small"])
+            for k, (rt, _) in arts.items():
+                ref = t[f"fp32 ({rt})"]
+                speed.append(dict(model=name, macs=macs, variant=k, runtime=rt, **latency_stats(t[k]),
+                                  speedup=float(np.median(ref) / np.median(t[k])), speedup_p10=float(np.percentile(ref, 10) / np.percentile(t[k], 10)),
+                                  speedup_min=float(ref.min() / t[k].min()),
+                                  paired_speedup=float(np.median(ref / t[k])), bytes=acc[k]["bytes"], valid_drop=acc[k]["valid_drop"], test_drop=acc[k]["test_drop"]))
+            if name in (models[0][0], models[-1][0]):
+                for k in ("fp32 (onnxruntime)", "QDQ u8/s8") + (("QOperator s8/s8",) if name == models[-1][0] else ()):
+                    for r in ort_op_times(arts[k][1], x1, runs=cfg["profile_runs"]): profiles.append(dict(part="profile", model=name, variant=k, **r))
+    return ExperimentResult("int8-speed", speed + accs + profiles, speed, _speed_summary(speed, accs, models[-1][0], tolerance),
+                            columns=["model", "macs", "variant", "bytes", "median_us", "p10_us", "p90_us", "min_us", "speedup", "speedup_p10", "speedup_min", "valid_drop", "test_drop"],
+                            config=dict(cfg=str(cfg), cpu=cpu_features()), figures={"int8_speedup": plot_speedup(speed)},
+                            notes=("Latency: one call at batch 1 on one thread, all files of a model interleaved in random order per round; median, p10, p90 and min "
+                                   "in microseconds. speedup = median fp32 / median int8 of the same runtime, speedup_p10 = p10 / p10, speedup_min = min / min. On a loaded machine a long call is more often preempted than a short one, which inflates the fp32 medians of large models; the p10 ratio (the least disturbed tenth of the calls) is the headline. valid_drop, test_drop: "
+                                   "fp32 accuracy minus int8 accuracy (fractions) for the first seed; the headline rows average the largest CNN over seeds."))
