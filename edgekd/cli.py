@@ -105,7 +105,8 @@ def _cmd_deploy(args)->int:
     from edgekd.export import add_edge_budget, bundle_from_run, verify_bundle
     from edgekd.profile import format_table
     model = args.model or _final_model(args.run_dir)
-    out = bundle_from_run(args.run_dir, out=args.out, **({} if model is None else dict(model=model)))
+    out = bundle_from_run(args.run_dir, out=args.out, artifacts=args.artifacts,
+                          **({} if model is None else dict(model=model)))
     rows = add_edge_budget(verify_bundle(out))   # predict.py of each artifact vs its reference outputs
     print(format_table(rows)); print(f"bundle of {model or 'the default model'} written to {out}/")
     return 0 if all(r["ok"] for r in rows) else 1
@@ -160,6 +161,8 @@ def build_parser()->argparse.ArgumentParser:
     d.add_argument("run_dir", help="a folder written by 'edgekd run'")
     d.add_argument("--out", default=None, help="bundle folder; default: RUN_DIR/bundle")
     d.add_argument("--model", default=None, help="which model of the run (a row name of its report); default: the run's final model")
+    d.add_argument("--artifacts", nargs="+", default=None, metavar="KIND",
+                   help="artifact kinds to write, e.g. onnx tflite pte pte_int8 (default: every default kind that fits the model)")
     d.set_defaults(func=_cmd_deploy)
     a = sub.add_parser("arm-check", help="run a bundle on an emulated ARM64 CPU and compare with x86",
                        description="Run the bundle's predict.py under qemu-aarch64 (Cortex-A53) for each artifact, "

@@ -271,6 +271,17 @@ def test_deploy_rebuilds_the_bundle_from_a_run(short_run, tmp_path):
         assert np.abs(a - b).max() <= 1e-5, key
 
 
+def test_deploy_artifacts_option_picks_kinds(short_run, tmp_path):
+    out, _ = short_run
+    r = edgekd("deploy", str(out), "--out", str(tmp_path / "bundle"), "--artifacts", "onnx", "pte")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "bundle" / "metadata.json").read_text())
+    assert sorted(meta["artifacts"]) == ["onnx", "pte"] and (tmp_path / "bundle" / meta["artifacts"]["pte"]).stat().st_size > 0
+    r = edgekd("deploy", str(out), "--out", str(tmp_path / "bad"), "--artifacts", "onnx", "nosuch")
+    assert r.returncode != 0 and r.stderr.startswith("edgekd: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "nosuch" in r.stderr and "pte" in r.stderr and not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("cmd", ["deploy", "arm-check"])
 def test_not_a_run_or_bundle_is_one_line(tmp_path, cmd):
     r = edgekd(cmd, str(tmp_path))
