@@ -19,8 +19,9 @@ from typing import Callable, Iterable
 from .core import ConfigError, atomic_dir, atomic_write, check_choice, check_number
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'EXPERIMENT_PACKAGE', 'mean_std', 'summarize', 'paired_diff', 'ExperimentResult', 'register_experiment',
-           'experiment_modules', 'list_experiments', 'experiment_options', 'run_experiment', 'track']
+__all__ = ['FAST_MARK', 'EXPERIMENTS', 'EXPERIMENT_PACKAGE', 'mean_std', 'summarize', 'paired_diff', 'ExperimentResult',
+           'register_experiment', 'experiment_modules', 'list_experiments', 'experiment_options', 'run_experiment',
+           'track']
 
 # %% ../nbs/05_experiments.ipynb #74a0a69c
 def mean_std(values:Iterable[float])->tuple[float, float]:
@@ -90,11 +91,17 @@ def _md_table(rows:list, columns:list|None=None)->str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows])
 
+FAST_MARK = "FAST MODE: a plumbing check on tiny settings; these numbers are not results"
+
 def _to_markdown(self:ExperimentResult)->str:
-    "The result as a markdown report."
-    parts = [f"# edgekd reproduce {self.name}", "", _md_table(self.table, self.columns), ""]
-    if self.summary: parts += ["| headline | value |", "|---|---|"] + \
-        [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in self.summary.items()] + [""]
+    "The result as a markdown report; a fast-mode run says so above its table and in its headline table."
+    fast = bool(self.config.get("fast"))
+    parts = [f"# edgekd reproduce {self.name}" + (" (fast mode)" if fast else ""), ""]
+    if fast: parts += [f"**{FAST_MARK}.**", ""]
+    parts += [_md_table(self.table, self.columns), ""]
+    summary = {"mode": FAST_MARK, **self.summary} if fast else self.summary
+    if summary: parts += ["| headline | value |", "|---|---|"] + \
+        [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()] + [""]
     if self.notes: parts += [self.notes, ""]
     parts += [f"Config: `{json.dumps(self.config, default=str)}`; wall time {self.seconds:.0f} s.", ""]
     return "\n".join(parts)
