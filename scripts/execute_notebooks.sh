@@ -23,8 +23,14 @@ path, keep_slow = sys.argv[1], sys.argv[2] == "1"
 nb = nbformat.read(path, as_version=4)
 code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
 slow = [i for i in code if nb.cells[i].source.lstrip().startswith("#| slow")] if keep_slow else []
-kept = {i: (nb.cells[i].source, nb.cells[i].outputs) for i in slow}
+def directives(src):
+    lines = [l.replace(" ", "") for l in src.lstrip().splitlines()]
+    return {l for l in lines[:next((k for k, l in enumerate(lines) if not l.startswith("#|")), len(lines))]}
+# Cells nbdev never executes (`#| eval: false`) are skipped here too, as nbdev_test skips them.
+noeval = [i for i in code if "#|eval:false" in directives(nb.cells[i].source)]
+kept = {i: (nb.cells[i].source, nb.cells[i].outputs) for i in slow + noeval}
 for i in slow: nb.cells[i].source = "pass  # a slow cell: its stored outputs are kept"
+for i in noeval: nb.cells[i].source = "pass  # not executed (eval: false)"
 t = {"cell": time.time()}
 def done(cell, cell_index, **_):
     now = time.time()
