@@ -255,3 +255,28 @@ def test_arm_check_of_a_bundle_with_executorch_programs(tmp_path):
     assert rep.passed, rep.to_markdown()
     md = rep.to_markdown()
     assert all(f"- {k}: cannot run under emulation" in md for k in rep.not_run)
+
+
+# ----------------------------------------------------------------------------- the quantization chapter's models
+
+@pytest.mark.parametrize("mode", ["ptq", "qat"])
+def test_arm_check_of_pt2e_quantized_models(mode, tmp_path):
+    """A PT2E model from `quantize_model` (post-training, or QAT distilled from its float model) deploys as ONNX QDQ and
+    TFLite int8, matches its PyTorch graph on x86 and passes the emulated Cortex-A53 check."""
+    from edgekd.data import from_tensors
+    from edgekd.learner import Learner
+    from edgekd.models import get_model
+    from edgekd.quant import quantize_model
+    torch.manual_seed(0)
+    x = torch.randn(600, 1, 20); y = (x.flatten(1) @ torch.randn(20, 3)).argmax(1)
+    dls = from_tensors(x[:500], y[:500], x[500:], y[500:], batch_size=32)
+    model = get_model("mlp", dls.input_shape, dls.n_classes, widths=(32,))
+    Learner(model, dls, lr=3e-3, progress=False).fit(3)
+    q = quantize_model(model, dls, mode=mode, teacher=model if mode == "qat" else None, epochs=1, calib_n=128)
+    bundle = write_bundle(q, dls, tmp_path / "bundle", float_model=model)
+    meta = json.loads((bundle / "metadata.json").read_text())
+    assert sorted(meta["artifacts"]) == ["onnx_qdq", "tflite_pt2e_int8"], meta["artifacts"]
+    rep = arm_check(bundle, native=False, log=None)
+    assert rep.passed, rep.to_markdown()
+    assert [r["artifact"] for r in rep.rows] == ["onnx_qdq", "tflite_pt2e_int8"]
+    assert all(r["machine"] == "aarch64" and r["max_abs_diff"] <= r["tolerance"] for r in rep.rows)
