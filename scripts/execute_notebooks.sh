@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
 # Regenerate the outputs stored in the notebooks (what the docs show) by executing them for
 # real, slow cells included, then clean them the way CI checks. Prints one line per cell.
-# Usage: bash scripts/execute_notebooks.sh [--keep-slow] [NOTEBOOK ...]   (default: every chapter; slow)
+# Usage: bash scripts/execute_notebooks.sh [--keep-slow] [--run-slow ID[,ID...]] [NOTEBOOK ...]
+#        (default: every chapter, slow cells included)
 #   --keep-slow  execute every cell but the `#| slow` ones, which keep the outputs stored by their last
 #                real run: for a change to prose or to fast cells only, never after the slow cells' code changed.
+#   --run-slow   with --keep-slow: also execute the slow cells with these cell ids (the `id` of the cell in the
+#                .ipynb JSON), e.g. the one experiment whose code or settings changed; the other slow cells keep theirs.
 set -euo pipefail
-keep_slow=0
-if [ "${1:-}" = "--keep-slow" ]; then keep_slow=1; shift; fi
+keep_slow=0; run_slow=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --keep-slow) keep_slow=1; shift ;;
+    --run-slow) [ $# -ge 2 ] || { echo "--run-slow needs a comma-separated list of cell ids" >&2; exit 2; }
+                run_slow=$2; shift 2 ;;
+    *) break ;;
+  esac
+done
+if [ -n "$run_slow" ] && [ $keep_slow = 0 ]; then echo "--run-slow only makes sense with --keep-slow" >&2; exit 2; fi
 cd "$(dirname "$0")/../nbs"
 export EDGEKD_PROGRESS=plain MPLBACKEND=module://matplotlib_inline.backend_inline
 py=${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/}
@@ -16,13 +27,15 @@ for nb in "${nbs[@]}"; do
   nb=$(basename "$nb")
   echo "executing $nb$([ $keep_slow = 1 ] && echo ' (slow cells keep their stored outputs)')"
   start=$SECONDS
-  "${py}python" - "$nb" "$keep_slow" <<'PY'
+  "${py}python" - "$nb" "$keep_slow" "$run_slow" <<'PY'
 import sys, time, nbformat
 from nbclient import NotebookClient
-path, keep_slow = sys.argv[1], sys.argv[2] == "1"
+path, keep_slow, run_slow = sys.argv[1], sys.argv[2] == "1", {i for i in sys.argv[3].split(",") if i}
 nb = nbformat.read(path, as_version=4)
 code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-slow = [i for i in code if nb.cells[i].source.lstrip().startswith("#| slow")] if keep_slow else []
+unknown = run_slow - {nb.cells[i].get("id") for i in code if nb.cells[i].source.lstrip().startswith("#| slow")}
+if unknown: sys.exit(f"--run-slow: no slow cell with id {', '.join(sorted(unknown))} in {path}")
+slow = [i for i in code if nb.cells[i].source.lstrip().startswith("#| slow") and nb.cells[i].get("id") not in run_slow] if keep_slow else []
 def directives(src):
     lines = [l.replace(" ", "") for l in src.lstrip().splitlines()]
     return {l for l in lines[:next((k for k, l in enumerate(lines) if not l.startswith("#|")), len(lines))]}

@@ -343,6 +343,12 @@ def _split_accuracies(logits:torch.Tensor, y:torch.Tensor, c:int, shift:float, s
         out[f"{split}_acc_{when}"], out[f"{split}_acc_omitted_{when}"] = accuracy(z, y), accuracy(z[y == c], y[y == c])
     return out
 
+# %% ../../nbs/10a_kd_experiments.ipynb #56958b0f
+def _fmt_kl(table:list)->list:
+    "Show the KL column with three decimals (it is not a percentage)."
+    for r in table: r["test_kl"] = f"{r['test_kl_mean']:.3f} ± {r['test_kl_std']:.3f}"
+    return table
+
 # %% ../../nbs/10a_kd_experiments.ipynb #7cc0e2f5
 def _omitted_figure(m:dict, c:int):
     "Test accuracy on the omitted class before and after the bias shift, distilled vs hard-label student."
@@ -374,19 +380,21 @@ def omitted_class_experiment(seeds:list=(0, 1, 2), # one teacher and two student
     for seed in track(list(seeds), "omitted-class", enable=progress):
         teacher = train_teacher("digits", seed, fast)
         transfer = with_teacher_logits(TensorDataset(xtr[keep], ytr[keep]), teacher)
+        t_te = model_logits(teacher, xte)
         for name, data, cbs in (("distilled", transfer, [DistillationCB(None, cfg["temperature"], cfg["alpha"])]),
                                 ("hard labels", TensorDataset(xtr[keep], ytr[keep]), [])):
             set_seed(seed)
             model = fit_model(MLP((1, 8, 8), 10, widths=cfg["widths"]), data, cfg["epochs"], lr=1e-2, batch_size=128, seed=seed, cbs=cbs)
             lv, lt = model_logits(model, xva), model_logits(model, xte)
             shift = best_bias_shift(lv, yva, c)   # chosen on the validation split
+            fid = fidelity(lt, t_te)   # before the shift, all test images
             rows.append(dict(student=name, seed=seed, bias_shift=shift, **_split_accuracies(lv, yva, c, shift, "valid"),
-                             **_split_accuracies(lt, yte, c, shift, "test")))
+                             **_split_accuracies(lt, yte, c, shift, "test"), test_agreement=fid["agreement"], test_kl=fid["kl"]))
         rows.append(dict(student="teacher", seed=seed, bias_shift=0.0, **_split_accuracies(model_logits(teacher, xva), yva, c, 0.0, "valid"),
-                         **_split_accuracies(model_logits(teacher, xte), yte, c, 0.0, "test")))
+                         **_split_accuracies(t_te, yte, c, 0.0, "test"), test_agreement=1.0, test_kl=0.0))
     metrics = ["test_acc_omitted_before", "test_acc_omitted_after", "test_acc_before", "test_acc_after",
-               "valid_acc_omitted_before", "valid_acc_omitted_after", "bias_shift"]
-    table = summarize(rows, ["student"], metrics, percent=metrics[:6])
+               "valid_acc_omitted_before", "valid_acc_omitted_after", "bias_shift", "test_agreement", "test_kl"]
+    table = _fmt_kl(summarize(rows, ["student"], metrics, percent=metrics[:6] + ["test_agreement"]))
     m = {r["student"]: r for r in table}
     summary = dict(omitted=c, n_omitted_valid=int((yva == c).sum()), n_omitted_test=int((yte == c).sum()),
                    distilled_omitted_before_test=m["distilled"]["test_acc_omitted_before_mean"],
@@ -402,10 +410,13 @@ def omitted_class_experiment(seeds:list=(0, 1, 2), # one teacher and two student
         summary["after the shift, distilled - hard labels, all classes, test points [95% CI]"] = _gain_text(
             per("distilled", "test_acc_after"), per("hard labels", "test_acc_after"))
     return ExperimentResult("omitted-class", rows, table, summary,
-                            columns=["student", "n", "test_acc_omitted_before", "test_acc_omitted_after", "test_acc_before", "test_acc_after", "bias_shift"],
+                            columns=["student", "n", "test_acc_omitted_before", "test_acc_omitted_after", "test_acc_before", "test_acc_after", "bias_shift",
+                                     "test_agreement", "test_kl"],
                             config=dict(setup=cfg), figures={"omitted-class": _omitted_figure(m, c)},
                             notes=f"Digits test set ({summary['n_omitted_test']} test images of the digit {c}); the bias shift of the "
-                                  f"omitted class maximizes accuracy on the validation split ({summary['n_omitted_valid']} images of the {c}).")
+                                  f"omitted class maximizes accuracy on the validation split ({summary['n_omitted_valid']} images of the {c}). "
+                                  "test_agreement / test_kl: top-1 agreement with the seed's teacher and KL(teacher || student) at T = 1 "
+                                  "(nats) on all test images, before the shift.")
 
 # %% ../../nbs/10a_kd_experiments.ipynb #a6ecd922
 TEMP_FULL = dict(temperatures=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0), alphas=(0.0, 0.25, 0.5, 0.75, 0.9, 1.0),
@@ -415,22 +426,25 @@ TEMP_FAST = dict(temperatures=(1.0, 4.0), alphas=(0.0, 1.0), n_transfer=500, tra
 
 # %% ../../nbs/10a_kd_experiments.ipynb #d429c175
 def _temperature_runs(cfg:dict, seed:int, fast:bool)->list:
-    "One row per (setting, sweep, T, alpha) for one seed, with validation and test accuracy."
+    "One row per (setting, sweep, T, alpha) for one seed: validation and test accuracy, fidelity to the teacher on test."
     xtr, ytr, xva, yva, xte, yte = embedded_split("mnist1d")
     teacher = train_teacher("mnist1d", seed, fast)
     transfer = with_teacher_logits(torch.cat([xtr, mnist1d_transfer_set(cfg["n_transfer"], seed)]), teacher)
-    rows = []
+    t_te, rows = model_logits(teacher, xte), []
     for T in cfg["temperatures"]:
         set_seed(seed)
         m = fit_model(MLP((1, 40), 10, widths=(100, 100)), transfer, cfg["transfer_epochs"], lr=1e-2, batch_size=256,
                       seed=seed, cbs=[DistillationCB(None, T, 1.0)])
+        lt = model_logits(m, xte); fid = fidelity(lt, t_te)
         rows.append(dict(setting="transfer set, MLP", sweep="T", temperature=T, alpha=1.0, seed=seed,
-                         valid_accuracy=accuracy(model_logits(m, xva), yva), test_accuracy=accuracy(model_logits(m, xte), yte)))
+                         valid_accuracy=accuracy(model_logits(m, xva), yva), test_accuracy=accuracy(lt, yte),
+                         test_agreement=fid["agreement"], test_kl=fid["kl"]))
     idx = stratified_subset(ytr, cfg["fraction"], seed=1000 + seed)
     done = {}   # (T, alpha) -> accuracies: the point shared by both sweeps is trained once
     for sweep, T, a in [("T", T, 0.9) for T in cfg["temperatures"]] + [("alpha", 4.0, a) for a in cfg["alphas"]]:
         if (T, a) not in done:
-            done[T, a] = train_subset_student("mnist1d", idx, teacher, seed, T, a, cfg["epochs"], cfg["min_steps"], fast)
+            done[T, a] = train_subset_student("mnist1d", idx, teacher, seed, T, a, cfg["epochs"], cfg["min_steps"], fast,
+                                                  reference=teacher)
         rows.append(dict(setting=f"{cfg['fraction']:.0%} labels, CNN", sweep=sweep, temperature=T, alpha=a, seed=seed, **done[T, a]))
     return rows
 
@@ -469,8 +483,8 @@ def temperature_experiment(seeds:list=(0, 1, 2), # one teacher per seed
     for T in cfg["temperatures"]: check_number(T, "temperature", lo=0, lo_open=True)
     for a in cfg["alphas"]: check_number(a, "alpha", 0, 1)
     rows = [r for seed in track(list(seeds), "temperature", enable=progress) for r in _temperature_runs(cfg, seed, fast)]
-    table = summarize(rows, ["setting", "sweep", "temperature", "alpha"], ["valid_accuracy", "test_accuracy"],
-                      percent=["valid_accuracy", "test_accuracy"])
+    table = _fmt_kl(summarize(rows, ["setting", "sweep", "temperature", "alpha"], ["valid_accuracy", "test_accuracy", "test_agreement", "test_kl"],
+                              percent=["valid_accuracy", "test_accuracy", "test_agreement"]))
     summary, chosen = {}, {}
     for setting in dict.fromkeys(r["setting"] for r in table):
         for sweep, key in (("T", "temperature"), ("alpha", "alpha")):
@@ -486,11 +500,12 @@ def temperature_experiment(seeds:list=(0, 1, 2), # one teacher per seed
                 summary[f"chosen {sweep}={best[key]:g} - runner-up {sweep}={second[key]:g} on validation ({setting}), test points [95% CI]"] = \
                     _gain_text(per(best), per(second))
     return ExperimentResult("temperature", rows, table, summary,
-                            columns=["setting", "sweep", "temperature", "alpha", "n", "valid_accuracy", "test_accuracy"],
+                            columns=["setting", "sweep", "temperature", "alpha", "n", "valid_accuracy", "test_accuracy", "test_agreement", "test_kl"],
                             config=dict(setup=cfg), figures=dict(temperature=_temperature_figure(table, chosen)),
                             notes="MNIST-1D, mean ± std over seeds. T and alpha are chosen on the validation split (mean over seeds); "
                                   "the headlines give the test accuracy of that choice. Transfer set: soft targets only. "
-                                  "10% labels: alpha * soft + (1 - alpha) * hard.")
+                                  "10% labels: alpha * soft + (1 - alpha) * hard. test_agreement / test_kl: top-1 agreement with the seed's teacher "
+                                  "and KL(teacher || student) at T = 1 (nats) on the test split.")
 
 # %% ../../nbs/10a_kd_experiments.ipynb #7c83d063
 def random_shift(x:torch.Tensor, # (batch, channels, *spatial), 1 or 2 spatial dimensions
@@ -585,10 +600,6 @@ def _scores(model:nn.Module, split:tuple, teacher_test:torch.Tensor)->dict:
     return dict(valid_accuracy=accuracy(model_logits(model, xva), yva), test_accuracy=accuracy(lt, yte),
                 test_agreement=fid["agreement"], test_kl=fid["kl"], params=sum(p.numel() for p in model.parameters()))
 
-def _fmt_kl(table:list)->list:
-    "Show the KL column with three decimals (it is not a percentage)."
-    for r in table: r["test_kl"] = f"{r['test_kl_mean']:.3f} ± {r['test_kl_std']:.3f}"
-    return table
 
 # %% ../../nbs/10a_kd_experiments.ipynb #e5d5d908
 ENS_FULL = dict(n_teachers=3, member=dict(channels=(32, 32, 32), epochs=20, lr=3e-3, batch_size=128), n_transfer=10_000, temperature=4.0, epochs=20, widths=(100, 100))
