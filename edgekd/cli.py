@@ -24,6 +24,7 @@ __all__ = ['UsageError', 'add_config_options', 'build_parser', 'main']
 class UsageError(ConfigError):
     "Bad command-line usage (unknown option, malformed value)."
 
+# %% ../nbs/61_cli.ipynb #0fb9aabb
 class _Parser(argparse.ArgumentParser):
     "An ArgumentParser that raises `UsageError` instead of printing usage and exiting; no option abbreviations."
     def __init__(self, *args, **kwargs): super().__init__(*args, allow_abbrev=False, **kwargs)
@@ -62,11 +63,13 @@ def add_config_options(parser:argparse.ArgumentParser, # the parser (or subparse
 
 # %% ../nbs/61_cli.ipynb #bfa27125
 def _cmd_run(args)->int:
+    "`edgekd run`: a `RunConfig` from the parsed options, then `run_pipeline`."
     from edgekd.pipeline import RunConfig, run_pipeline
     cfg = RunConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.metadata.get("cli", True)})
     run_pipeline(cfg, log=print if cfg.progress else (lambda *a, **k: None))
     return 0
 
+# %% ../nbs/61_cli.ipynb #653c3ac5
 def _parse_options(items:list, # 'KEY=VALUE' strings from --set
                   )->dict:
     "Experiment options from `--set KEY=VALUE`: VALUE is a Python literal (42, 0.5, (1, 2), None) or else a string."
@@ -82,7 +85,9 @@ def _parse_options(items:list, # 'KEY=VALUE' strings from --set
         opts[key] = tuple(value) if isinstance(value, list) else value
     return opts
 
+# %% ../nbs/61_cli.ipynb #e3ed3b3b
 def _cmd_reproduce(args)->int:
+    "`edgekd reproduce`: list the experiments, or run one and print its results table."
     from edgekd.experiment import experiment_options, list_experiments, run_experiment
     if args.list or args.name is None:
         for k, d in list_experiments().items():
@@ -95,13 +100,16 @@ def _cmd_reproduce(args)->int:
     if not args.quiet: print(res.to_markdown()); print(f"saved to {out}/")
     return 0
 
+# %% ../nbs/61_cli.ipynb #3b336908
 def _final_model(run_dir:str)->str|None:
     "Name of the final model recorded in RUN_DIR/report.json, or None (then `bundle_from_run` reports what is wrong)."
     try: fin = json.loads((Path(run_dir)/"report.json").read_text()).get("final") or {}
     except (OSError, ValueError, AttributeError): return None
     return fin.get("model") if isinstance(fin, dict) else None
 
+# %% ../nbs/61_cli.ipynb #4e2ee9a7
 def _cmd_deploy(args)->int:
+    "`edgekd deploy`: bundle a model of a run folder, verify every artifact, print the table."
     from edgekd.export import add_edge_budget, bundle_from_run, verify_bundle
     from edgekd.profile import format_table
     model = args.model or _final_model(args.run_dir)
@@ -111,31 +119,36 @@ def _cmd_deploy(args)->int:
     print(format_table(rows)); print(f"bundle of {model or 'the default model'} written to {out}/")
     return 0 if all(r["ok"] for r in rows) else 1
 
+# %% ../nbs/61_cli.ipynb #9e91563b
 def _cmd_arm_check(args)->int:
+    "`edgekd arm-check`: run a bundle under ARM64 emulation and print the report."
     from edgekd.arm import arm_check
     report = arm_check(args.bundle, artifacts=args.artifacts, cache=args.cache, log=None if args.quiet else print)
     print(report.to_markdown())
     return 0 if report.passed else 1
 
+# %% ../nbs/61_cli.ipynb #cf12a51b
 def _cmd_datasets(args)->int:
+    "`edgekd datasets`: print the dataset names."
     from edgekd.data import list_datasets
     print("\n".join(list_datasets())); return 0
 
+# %% ../nbs/61_cli.ipynb #ee662c91
 def _cmd_models(args)->int:
+    "`edgekd models`: print the model names."
     from edgekd.models import list_models
     print("\n".join(list_models())); return 0
 
+# %% ../nbs/61_cli.ipynb #2cdbea92
 def _cmd_losses(args)->int:
+    "`edgekd losses`: print the distillation loss names."
     from edgekd.pipeline import loss_names
     print("\n".join(loss_names())); return 0
 
-# %% ../nbs/61_cli.ipynb #4d32dc3b
-def build_parser()->argparse.ArgumentParser:
-    "The `edgekd` argument parser with all subcommands; `run`'s options come from `RunConfig`."
+# %% ../nbs/61_cli.ipynb #1e4481c4
+def _add_run(sub)->argparse.ArgumentParser:
+    "Add the `run` subcommand to the subparsers `sub`."
     from edgekd.pipeline import STAGES, RunConfig
-    p = _Parser(prog="edgekd", description="Knowledge distillation and model compression for edge devices.")
-    p.add_argument("--version", action="version", version=f"edgekd {edgekd.__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     r = sub.add_parser("run", help="teacher -> student -> distilled student (-> prune, lowrank, quantize) -> bundle, with a report",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a teacher, a hard-label student and a distilled student on a dataset, optionally "
@@ -143,6 +156,11 @@ def build_parser()->argparse.ArgumentParser:
                                    "tradeoff.png, weights/ and bundle/ to --out.\n\nstages:\n" +
                                    "\n".join(f"  {s.name:<9} {s.doc}" for s in STAGES.values()))
     add_config_options(r, RunConfig).set_defaults(func=_cmd_run)
+    return r
+
+# %% ../nbs/61_cli.ipynb #8d180b5f
+def _add_reproduce(sub)->argparse.ArgumentParser:
+    "Add the `reproduce` subcommand to the subparsers `sub`."
     e = sub.add_parser("reproduce", help="rerun an experiment of the course and save its results table",
                        description="Rerun a registered experiment over several seeds; writes NAME.json, NAME.md and "
                                    "figures to --out (default results/NAME). 'edgekd reproduce --list' lists them.")
@@ -155,6 +173,11 @@ def build_parser()->argparse.ArgumentParser:
                    help="an option of the experiment, e.g. --set n_transfer=20000 (repeatable; options: see --list)")
     e.add_argument("--quiet", action="store_true", help="no progress output")
     e.set_defaults(func=_cmd_reproduce)
+    return e
+
+# %% ../nbs/61_cli.ipynb #7727b75c
+def _add_deploy(sub)->argparse.ArgumentParser:
+    "Add the `deploy` subcommand to the subparsers `sub`."
     d = sub.add_parser("deploy", help="write a deploy bundle (ONNX, TFLite, predict.py) from a run folder",
                        description="Export a model of an 'edgekd run' folder to ONNX and TFLite and write a bundle that "
                                    "runs with numpy + onnxruntime or ai-edge-litert on any 64-bit ARM Linux.")
@@ -164,6 +187,11 @@ def build_parser()->argparse.ArgumentParser:
     d.add_argument("--artifacts", nargs="+", default=None, metavar="KIND",
                    help="artifact kinds to write, e.g. onnx tflite pte pte_int8 (default: every default kind that fits the model)")
     d.set_defaults(func=_cmd_deploy)
+    return d
+
+# %% ../nbs/61_cli.ipynb #67b15120
+def _add_arm_check(sub)->argparse.ArgumentParser:
+    "Add the `arm-check` subcommand to the subparsers `sub`."
     a = sub.add_parser("arm-check", help="run a bundle on an emulated ARM64 CPU and compare with x86",
                        description="Run the bundle's predict.py under qemu-aarch64 (Cortex-A53) for each artifact, "
                                    "compare outputs with the x86 reference and check the edge memory budget.")
@@ -172,15 +200,26 @@ def build_parser()->argparse.ArgumentParser:
     a.add_argument("--cache", default=None, help="cache of the arm64 root filesystem and wheels; default: $EDGEKD_ARM_CACHE or ~/.cache/edgekd/arm")
     a.add_argument("--quiet", action="store_true", help="only the final report")
     a.set_defaults(func=_cmd_arm_check)
+    return a
+
+# %% ../nbs/61_cli.ipynb #4d32dc3b
+def build_parser()->argparse.ArgumentParser:
+    "The `edgekd` argument parser with all subcommands; `run`'s options come from `RunConfig`."
+    p = _Parser(prog="edgekd", description="Knowledge distillation and model compression for edge devices.")
+    p.add_argument("--version", action="version", version=f"edgekd {edgekd.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_run(sub); _add_reproduce(sub); _add_deploy(sub); _add_arm_check(sub)
     sub.add_parser("datasets", help="list the dataset names").set_defaults(func=_cmd_datasets)
     sub.add_parser("models", help="list the model names").set_defaults(func=_cmd_models)
     sub.add_parser("losses", help="list the distillation loss names of 'run --loss'").set_defaults(func=_cmd_losses)
     return p
 
-# %% ../nbs/61_cli.ipynb #7da3b6bb
+# %% ../nbs/61_cli.ipynb #d7b3bef0
 def _one_line(e:BaseException)->str:
+    "The message of `e` on one line (its type name if the message is empty)."
     return " ".join(str(e).split()) or type(e).__name__
 
+# %% ../nbs/61_cli.ipynb #7da3b6bb
 def main(argv:list|None=None, # arguments without the program name; default `sys.argv[1:]`
         )->int: # the exit status
     "Entry point of the `edgekd` command."

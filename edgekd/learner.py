@@ -171,37 +171,66 @@ class ProgressCB(Callback):
             self.tqdm = tqdm
             self.ebar = tqdm(total=learn.n_epochs, desc='epochs', unit='epoch')
 
-    def _start_bar(self, learn, desc):
-        if self.use_plain or self.silent: return
-        try: total = len(learn.dl)
-        except TypeError: total = None
-        self.bar = self.tqdm(total=total, desc=desc, leave=False)
-    def before_train(self, learn): self._start_bar(learn, 'train')
-    def before_validate(self, learn): self._start_bar(learn, 'valid')
+# %% ../nbs/03_learner.ipynb #ee0bf8a1
+@patch
+def _start_bar(self:ProgressCB, learn, desc):
+    "Open a tqdm bar over the batches of `learn.dl` (bars mode, rank 0 only)."
+    if self.use_plain or self.silent: return
+    try: total = len(learn.dl)
+    except TypeError: total = None
+    self.bar = self.tqdm(total=total, desc=desc, leave=False)
+@patch
+def before_train(self:ProgressCB, learn):
+    "Open the bar of the training pass."
+    self._start_bar(learn, 'train')
+@patch
+def before_validate(self:ProgressCB, learn):
+    "Open the bar of the validation pass."
+    self._start_bar(learn, 'valid')
 
-    def after_batch(self, learn):
-        if learn.training and learn.loss is not None: self.losses.append(_item(learn.loss))
-        if self.bar is not None:
-            self.bar.update(1)
-            if learn.loss is not None: self.bar.set_postfix(loss=f"{_item(learn.loss):.4f}", refresh=False)
-    def _end_bar(self):
-        if self.bar is not None: self.bar.close(); self.bar = None
-    def after_train(self, learn): self._end_bar()
-    def after_validate(self, learn): self._end_bar()
+# %% ../nbs/03_learner.ipynb #014e46c3
+@patch
+def after_batch(self:ProgressCB, learn):
+    "Record the training loss and advance the batch bar."
+    if learn.training and learn.loss is not None: self.losses.append(_item(learn.loss))
+    if self.bar is not None:
+        self.bar.update(1)
+        if learn.loss is not None: self.bar.set_postfix(loss=f"{_item(learn.loss):.4f}", refresh=False)
 
-    def _emit(self, learn):
-        if self.silent: return
-        for rec in learn.history[self.printed:]:
-            line = format_record(rec, learn.n_epochs)
-            if self.use_plain: print(line, file=self.file or sys.stdout, flush=True)
-            else: self.tqdm.write(line, file=self.file)
-        self.printed = len(learn.history)
-    def after_epoch(self, learn):
-        self._emit(learn)
-        if self.ebar is not None: self.ebar.update(1)
-    def after_fit(self, learn):
-        self._emit(learn); self._close()
-        if self.plot and not self.silent: self.fig = plot_history(learn.history, self.losses)
+# %% ../nbs/03_learner.ipynb #3ae865bc
+@patch
+def _end_bar(self:ProgressCB):
+    "Close the batch bar, if one is open."
+    if self.bar is not None: self.bar.close(); self.bar = None
+@patch
+def after_train(self:ProgressCB, learn):
+    "Close the bar of the training pass."
+    self._end_bar()
+@patch
+def after_validate(self:ProgressCB, learn):
+    "Close the bar of the validation pass."
+    self._end_bar()
+
+# %% ../nbs/03_learner.ipynb #58bae0f2
+@patch
+def _emit(self:ProgressCB, learn):
+    "Print the records of `learn.history` not printed yet (plain lines, or through tqdm so bars are not broken)."
+    if self.silent: return
+    for rec in learn.history[self.printed:]:
+        line = format_record(rec, learn.n_epochs)
+        if self.use_plain: print(line, file=self.file or sys.stdout, flush=True)
+        else: self.tqdm.write(line, file=self.file)
+    self.printed = len(learn.history)
+@patch
+def after_epoch(self:ProgressCB, learn):
+    "Print the epoch's line and advance the epoch bar."
+    self._emit(learn)
+    if self.ebar is not None: self.ebar.update(1)
+@patch
+def after_fit(self:ProgressCB, learn):
+    "Print any record not printed yet, close the bars, draw the plot if asked."
+    self._emit(learn); self._close()
+    if self.plot and not self.silent: self.fig = plot_history(learn.history, self.losses)
 
 # %% ../nbs/03_learner.ipynb #13a5e730
 def _check_cbs(cbs)->list:
@@ -224,6 +253,20 @@ def _merge_cbs(base:list, extra:list)->list:
     drop = tuple(t for t in (MetricsCB, ProgressCB) if any(isinstance(c, t) for c in extra))
     return [c for c in base if not (drop and isinstance(c, drop))] + list(extra)
 
+# %% ../nbs/03_learner.ipynb #19cf18a0
+def _check_dls(dls)->str:
+    "The attribute of `dls` that `fit` validates on: 'valid', or 'test' (with a warning) if `dls` has no `.valid`; else `ConfigError`."
+    for a in ('train',) + (() if hasattr(dls, 'test') else ('valid',)):
+        if not hasattr(dls, a):
+            raise ConfigError(f"dls must have .train and .valid DataLoaders (e.g. SimpleNamespace(train=..., valid=...)); "
+                              f"{type(dls).__name__} has no .{a}")
+    if not hasattr(dls, 'valid'):
+        warnings.warn(f"{type(dls).__name__} has no .valid, so fit validates on .test: the valid_* metrics are test "
+                      "metrics and choices made on them are made on test data. Give dls a .valid DataLoader "
+                      "(None: no validation).", FutureWarning, stacklevel=3)   # points at the caller of `Learner(...)`
+    if dls.train is None: raise ConfigError("dls.train must be a DataLoader, got None")
+    return 'valid' if hasattr(dls, 'valid') else 'test'
+
 # %% ../nbs/03_learner.ipynb #1fe46e04
 class Learner:
     "Train `model` on `dls.train` and validate on `dls.valid`; everything beyond the bare loop is a callback."
@@ -239,21 +282,12 @@ class Learner:
                 ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        for a in ('train',) + (() if hasattr(dls, 'test') else ('valid',)):
-            if not hasattr(dls, a):
-                raise ConfigError(f"dls must have .train and .valid DataLoaders (e.g. SimpleNamespace(train=..., valid=...)); "
-                                  f"{type(dls).__name__} has no .{a}")
-        if not hasattr(dls, 'valid'):
-            warnings.warn(f"{type(dls).__name__} has no .valid, so fit validates on .test: the valid_* metrics are test "
-                          "metrics and choices made on them are made on test data. Give dls a .valid DataLoader "
-                          "(None: no validation).", FutureWarning, stacklevel=2)
-        if dls.train is None: raise ConfigError("dls.train must be a DataLoader, got None")
+        self._valid_attr = _check_dls(dls)
         if not callable(loss_func): raise ConfigError(f"loss_func must be callable, got {loss_func!r}")
         if not callable(opt_func): raise ConfigError(f"opt_func must be callable, got {opt_func!r}")
         self.lr, self.wd = check_number(lr, "lr", lo=0, lo_open=True), check_number(wd, "wd", lo=0)
         self.device = get_device(device)
         self.model, self.dls, self.loss_func, self.opt_func = model.to(self.device), dls, loss_func, opt_func
-        self._valid_attr = 'valid' if hasattr(dls, 'valid') else 'test'
         self.cbs = _merge_cbs([MetricsCB()] + ([ProgressCB()] if progress else []), _check_cbs(cbs))
         self.history, self.opt, self.training, self.dl, self.old_model = [], None, False, None, None
         self.epoch = self.n_epochs = self.iter = 0
@@ -261,15 +295,18 @@ class Learner:
         self.yb = ()
         self.rank, self.world_size, self.parallel_model = 0, 1, None   # set by a data-parallel callback (chapter 63)
 
-    @property
-    def valid_dl(self):
-        "The DataLoader `fit` validates on and `evaluate` defaults to: `dls.valid` (None: no validation)."
-        return getattr(self.dls, self._valid_attr)
+# %% ../nbs/03_learner.ipynb #e823199d
+@patch(as_prop=True)
+def valid_dl(self:Learner):
+    "The DataLoader `fit` validates on and `evaluate` defaults to: `dls.valid` (None: no validation)."
+    return getattr(self.dls, self._valid_attr)
 
-    def __call__(self, event:str): # the event to fire, one of `EVENTS`
-        "Run `event` on all callbacks."
-        if event not in _EVENT_SET: check_choice(event, "event", EVENTS)
-        run_cbs(self.cbs, event, self)
+# %% ../nbs/03_learner.ipynb #2eac4196
+@patch
+def __call__(self:Learner, event:str): # the event to fire, one of `EVENTS`
+    "Run `event` on all callbacks."
+    if event not in _EVENT_SET: check_choice(event, "event", EVENTS)
+    run_cbs(self.cbs, event, self)
 
 # %% ../nbs/03_learner.ipynb #9b5ac41e
 def _to_device(b, device:torch.device):
@@ -438,8 +475,11 @@ def evaluate(self:Learner, dl=None, # a labeled DataLoader (None: `dls.valid`; p
     return dict(loss=float(self.loss_func(preds, targs)), accuracy=None if n_ok is None else n_ok / len(targs))
 
 # %% ../nbs/03_learner.ipynb #d59ec634
-def _cos(a, b, p): return b + (a - b) * (1 + math.cos(math.pi * p)) / 2   # a at p=0, b at p=1
+def _cos(a, b, p):
+    "Cosine interpolation: `a` at p=0, `b` at p=1."
+    return b + (a - b) * (1 + math.cos(math.pi * p)) / 2
 
+# %% ../nbs/03_learner.ipynb #86fbea39
 class SchedulerCB(Callback):
     "Set the learning rate before every training batch: 'onecycle' (warm-up then anneal) or 'cosine' (anneal)."
     order = 10
@@ -459,15 +499,22 @@ class SchedulerCB(Callback):
         if pct < self.pct_start: return _cos(1 / self.div, 1, pct / self.pct_start)
         return _cos(1, 1 / self.div_final, (pct - self.pct_start) / (1 - self.pct_start))
 
-    def before_fit(self, learn):
-        self.total, self.step = max(1, len(learn.dls.train) * learn.n_epochs), 0
-        self.base_lrs = [g['lr'] for g in learn.opt.param_groups]
-    def before_batch(self, learn):
-        if not learn.training: return
-        m = self.multiplier(min(1.0, self.step / max(1, self.total - 1)))
-        for g, lr in zip(learn.opt.param_groups, self.base_lrs): g['lr'] = lr * m
-    def after_batch(self, learn):
-        if learn.training: self.step += 1
+# %% ../nbs/03_learner.ipynb #c55444d4
+@patch
+def before_fit(self:SchedulerCB, learn):
+    "Count the training steps of the fit and remember each group's peak lr."
+    self.total, self.step = max(1, len(learn.dls.train) * learn.n_epochs), 0
+    self.base_lrs = [g['lr'] for g in learn.opt.param_groups]
+@patch
+def before_batch(self:SchedulerCB, learn):
+    "Set each group's lr for the current training step."
+    if not learn.training: return
+    m = self.multiplier(min(1.0, self.step / max(1, self.total - 1)))
+    for g, lr in zip(learn.opt.param_groups, self.base_lrs): g['lr'] = lr * m
+@patch
+def after_batch(self:SchedulerCB, learn):
+    "Count a training step."
+    if learn.training: self.step += 1
 
 # %% ../nbs/03_learner.ipynb #f26bde46
 @patch

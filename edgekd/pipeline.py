@@ -283,6 +283,7 @@ def make_model(spec:str, # a zoo name, 'torchvision:NAME' or 'FILE.py:FUNCTION' 
 # %% ../nbs/60_pipeline.ipynb #ba00adf7
 IMAGE_FOLDER_LAYOUT = "PATH/train/CLASS/*.png|jpg (required), PATH/test/CLASS/... (required), PATH/val/CLASS/... (optional)"
 
+# %% ../nbs/60_pipeline.ipynb #4fe02024
 def _read_images(folder:Path, classes:list|None, size:tuple|None, mode:str|None)->tuple:
     "Images of a torchvision `ImageFolder` tree as uint8 `(n, c, h, w)`, int64 labels indexed by `classes`, the classes, the size and mode."
     import numpy as np
@@ -303,6 +304,7 @@ def _read_images(folder:Path, classes:list|None, size:tuple|None, mode:str|None)
     x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor(ys, dtype=torch.int64), classes, size, mode
 
+# %% ../nbs/60_pipeline.ipynb #d69493dd
 def image_folder_loaders(path:str|Path, # a folder laid out as `IMAGE_FOLDER_LAYOUT` (torchvision ImageFolder trees per split)
                          batch_size:int=64, # samples per batch
                          seed:int=0, # seeds the batch order and, without a val folder, the validation split
@@ -334,6 +336,7 @@ def _torchvision_dataset(name:str)->str:
                                           "for other images use imagefolder:PATH")
     return keys[key]
 
+# %% ../nbs/60_pipeline.ipynb #37cd929a
 def check_dataset(spec:str, # a registered name, 'torchvision:NAME' or 'imagefolder:PATH'
                  )->str:
     "Return `spec` if it names a dataset `load_data` can load; `ConfigError` in one line otherwise."
@@ -344,6 +347,7 @@ def check_dataset(spec:str, # a registered name, 'torchvision:NAME' or 'imagefol
     if spec.startswith("torchvision:"): _torchvision_dataset(spec[len("torchvision:"):]); return spec
     return check_choice(spec, "dataset", list_datasets() + ["imagefolder:PATH", "torchvision:NAME"])
 
+# %% ../nbs/60_pipeline.ipynb #fd13d6a1
 def load_data(cfg:RunConfig, # a resolved config: dataset, batch_size, data_root, download, image_size
               seed:int|None=None, # seed of the batch order and validation split (None: `cfg.seed`)
              )->DataLoaders:
@@ -703,12 +707,11 @@ RECIPE_OPTIONS = {  # stage -> {recipe key: RunConfig field}; 'epochs' and 'lr' 
 # %% ../nbs/60_pipeline.ipynb #4b677bb1
 STAGE_KEYS = {s: ("epochs", "lr") for s in ("teacher", "student", "distill", "prune", "lowrank", "quantize")}  # stage -> its own settings in a recipe (`RunConfig.stage_options`)
 
-# %% ../nbs/60_pipeline.ipynb #6627878b
-def load_recipe(path:str|Path, # a .toml or .json recipe file
-               )->dict:
-    "`RunConfig` overrides (`stages`, stage options, per-stage epochs and lr) read from a recipe file; `ConfigError` in one line on any mistake."
+# %% ../nbs/60_pipeline.ipynb #1322c710
+def _recipe_stages(p:Path, # a .toml or .json recipe file
+                  )->list:
+    "The list under the recipe's one top-level key 'stages'; `ConfigError` in one line if the file is missing, unreadable or shaped otherwise."
     import tomllib
-    p = Path(path)
     if p.suffix.lower() not in (".toml", ".json"): raise ConfigError(f"recipe {str(p)!r}: the file name must end in .toml or .json")
     if not p.is_file(): raise ConfigError(f"recipe {str(p)!r}: no such file")
     try: data = tomllib.loads(p.read_text()) if p.suffix.lower() == ".toml" else json.loads(p.read_text())
@@ -719,8 +722,15 @@ def load_recipe(path:str|Path, # a .toml or .json recipe file
         raise ConfigError(f"recipe {str(p)!r}: needs exactly one top-level key 'stages' (a list of tables), got {got}")
     if not isinstance(data["stages"], list) or not data["stages"]:
         raise ConfigError(f"recipe {str(p)!r}: 'stages' must be a non-empty list of tables like {{name = \"teacher\"}}")
+    return data["stages"]
+
+# %% ../nbs/60_pipeline.ipynb #6627878b
+def load_recipe(path:str|Path, # a .toml or .json recipe file
+               )->dict:
+    "`RunConfig` overrides (`stages`, stage options, per-stage epochs and lr) read from a recipe file; `ConfigError` in one line on any mistake."
+    p = Path(path)
     out, names, per = {}, [], {}
-    for k, st in enumerate(data["stages"], 1):
+    for k, st in enumerate(_recipe_stages(p), 1):
         if not isinstance(st, dict) or not isinstance(st.get("name"), str):
             raise ConfigError(f"recipe {str(p)!r}: stage {k} must be a table with a 'name', got {st!r}")
         name = st["name"]
@@ -737,17 +747,20 @@ def load_recipe(path:str|Path, # a .toml or .json recipe file
         names.append(name)
     return dict(out, stages=names, stage_options=per)
 
-# %% ../nbs/60_pipeline.ipynb #a3847b97
-def resolve_config(cfg:RunConfig, # the options
-                   own_data:bool=False, # True: the caller supplies the data (`run_pipeline(dls=...)`), `cfg.dataset` is only its name
+# %% ../nbs/60_pipeline.ipynb #913cd2bb
+def _apply_recipe(cfg:RunConfig, # the options
+                 )->RunConfig:
+    "`cfg` with the overrides of its recipe file, if it names one."
+    if cfg.recipe is None: return cfg
+    r = load_recipe(cfg.recipe)
+    if cfg.stages is not None and list(cfg.stages) != r["stages"]: raise ConfigError("give stages or a recipe file, not both")
+    return dataclasses.replace(cfg, **r)
+
+# %% ../nbs/60_pipeline.ipynb #b7b207dc
+def _fill_defaults(cfg:RunConfig, # the options
+                   own_data:bool, # the caller supplies the data: use the defaults for images
                   )->RunConfig:
-    "Return a copy of `cfg` with recipe and dataset defaults filled in; raise `ConfigError` on a bad value."
-    if cfg.recipe is not None:
-        r = load_recipe(cfg.recipe)
-        if cfg.stages is not None and list(cfg.stages) != r["stages"]: raise ConfigError("give stages or a recipe file, not both")
-        cfg = dataclasses.replace(cfg, **r)
-    if not own_data: check_dataset(cfg.dataset)
-    check_choice(cfg.loss, "loss", loss_names())
+    "`cfg` with every `None` option that has a dataset default filled in (and quantize='none' turned into None)."
     d = DATASET_DEFAULTS["images"] if own_data else DATASET_DEFAULTS.get(cfg.dataset, DATASET_DEFAULTS["images"])
     fill = {k: d[k] for k in ("epochs", "lr", "batch_size", "transfer", "teacher", "student") if getattr(cfg, k) is None}
     for role in ("teacher", "student"):   # the dataset's constructor arguments go with the dataset's model only
@@ -756,9 +769,20 @@ def resolve_config(cfg:RunConfig, # the options
     if cfg.quantize is None and cfg.stages is None: fill["quantize"] = d["quantize"]
     cfg = dataclasses.replace(cfg, **fill)
     if cfg.quantize == "none": cfg = dataclasses.replace(cfg, quantize=None)
+    return cfg
+
+# %% ../nbs/60_pipeline.ipynb #c2361cb3
+def _check_models(cfg:RunConfig, # the options, defaults filled in
+                 ):
+    "Raise `ConfigError` unless the teacher and student specs and their kwargs are valid."
     for role in ("teacher", "student"):
         model_source(getattr(cfg, role))
         if not isinstance(getattr(cfg, f"{role}_kwargs"), dict): raise ConfigError(f"{role} kwargs must be a table of constructor arguments, got {getattr(cfg, f'{role}_kwargs')!r}")
+
+# %% ../nbs/60_pipeline.ipynb #325446c8
+def _check_stage_options(cfg:RunConfig, # the options
+                        ):
+    "Raise `ConfigError` unless `cfg.stage_options` maps known stages to valid epochs and lr."
     if not isinstance(cfg.stage_options, dict): raise ConfigError(f"stage_options must be a dict, got {cfg.stage_options!r}")
     for st, opts in cfg.stage_options.items():
         check_choice(st, "stage of stage_options", list(STAGE_KEYS))
@@ -766,12 +790,24 @@ def resolve_config(cfg:RunConfig, # the options
             check_choice(k, f"setting of stage {st!r}", list(STAGE_KEYS[st]))
             if k == "epochs": check_number(v, f"epochs of stage {st!r}", lo=0, lo_open=True, integer=True)
             else: check_number(v, f"lr of stage {st!r}", lo=0, lo_open=True)
-    if cfg.seeds is not None:
-        if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds): raise ConfigError(f"seeds must be distinct, got {cfg.seeds}")
-        for s in cfg.seeds: check_number(s, "seed", lo=0, integer=True)
-        cfg = dataclasses.replace(cfg, seed=cfg.seeds[0], seeds=list(cfg.seeds))
-        if len(cfg.seeds) > 1 and not {"teacher", "student", "distill"} <= set(plan_stages(cfg)):
-            raise ConfigError("seeds repeats the teacher, student and distill stages: keep all three in stages")
+
+# %% ../nbs/60_pipeline.ipynb #f116c471
+def _resolve_seeds(cfg:RunConfig, # the options
+                  )->RunConfig:
+    "`cfg` with `seed` set to the first of `seeds`; `ConfigError` on repeated or negative seeds."
+    if cfg.seeds is None: return cfg
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds): raise ConfigError(f"seeds must be distinct, got {cfg.seeds}")
+    for s in cfg.seeds: check_number(s, "seed", lo=0, integer=True)
+    cfg = dataclasses.replace(cfg, seed=cfg.seeds[0], seeds=list(cfg.seeds))
+    if len(cfg.seeds) > 1 and not {"teacher", "student", "distill"} <= set(plan_stages(cfg)):
+        raise ConfigError("seeds repeats the teacher, student and distill stages: keep all three in stages")
+    return cfg
+
+# %% ../nbs/60_pipeline.ipynb #1844f1c9
+def _check_training(cfg:RunConfig, # the options, defaults filled in
+                    own_data:bool, # the caller supplies the data
+                   ):
+    "Raise `ConfigError` unless the transfer set, seed, epochs, lr, batch size, image size, T, alpha and threads are valid."
     check_number(cfg.transfer, "transfer", lo=0, integer=True)
     if cfg.transfer and (cfg.dataset != "mnist1d" or own_data):
         raise ConfigError(f"transfer needs a dataset that generates fresh inputs (mnist1d), got dataset {cfg.dataset!r}; use transfer=0")
@@ -783,6 +819,11 @@ def resolve_config(cfg:RunConfig, # the options
     check_number(cfg.temperature, "temperature", lo=0, lo_open=True)
     check_number(cfg.alpha, "alpha", 0, 1)
     check_number(cfg.threads, "threads", lo=1, integer=True)
+
+# %% ../nbs/60_pipeline.ipynb #78aa7be6
+def _check_compression(cfg:RunConfig, # the options, defaults filled in
+                      ):
+    "Raise `ConfigError` unless the compression settings, device and ARM check are valid and every planned compression stage can run."
     if cfg.prune is not None: check_number(cfg.prune, "prune sparsity", 0, 1, lo_open=True, hi_open=True)
     if cfg.lowrank is not None: check_choice(cfg.lowrank, "lowrank rank rule", ["energy", "vbmf"])
     if cfg.quantize is not None: check_choice(cfg.quantize, "quantize mode", ["ptq", "qat"])
@@ -793,6 +834,21 @@ def resolve_config(cfg:RunConfig, # the options
     if cfg.arm_check == "on" and not cfg.export: raise ConfigError("arm_check='on' needs export=True: the ARM check runs the deploy bundle")
     for s in plan_stages(cfg):
         if s in COMPRESSION: compression_fn(s)
+
+# %% ../nbs/60_pipeline.ipynb #a3847b97
+def resolve_config(cfg:RunConfig, # the options
+                   own_data:bool=False, # True: the caller supplies the data (`run_pipeline(dls=...)`), `cfg.dataset` is only its name
+                  )->RunConfig:
+    "Return a copy of `cfg` with recipe and dataset defaults filled in; raise `ConfigError` on a bad value."
+    cfg = _apply_recipe(cfg)
+    if not own_data: check_dataset(cfg.dataset)
+    check_choice(cfg.loss, "loss", loss_names())
+    cfg = _fill_defaults(cfg, own_data)
+    _check_models(cfg)
+    _check_stage_options(cfg)
+    cfg = _resolve_seeds(cfg)
+    _check_training(cfg, own_data)
+    _check_compression(cfg)
     return cfg
 
 # %% ../nbs/60_pipeline.ipynb #118890b8
@@ -851,42 +907,56 @@ def repeat_seeds(run:Run, # a finished run whose config has `seeds`; its own row
         per.append(dict(seed=s, **kd_summary(sub.rows)))
     return seeds_summary(per)
 
-# %% ../nbs/60_pipeline.ipynb #ac3cbf36
-def render_markdown(report:dict)->str:
-    "The human-readable `report.md` for a pipeline `report` dict."
-    cfg, kd, fin = report["config"], report["kd"], report.get("final") or {}
+# %% ../nbs/60_pipeline.ipynb #d6f835da
+_COLUMN_NOTES = (
+    "test_macro_f1: macro-averaged F1 on test. bytes: the model's PyTorch file (state_dict; a quantized graph stores "
+    "int8 weights); compressed_bytes: the same with zero-heavy tensors as bitmask + nonzero values. "
+    "latency_ms / latency_p90_ms: PyTorch eager, median and 90th percentile over repeated batch-1 calls. "
+    "ort_* / litert_*: the model exported to ONNX (ONNX Runtime) and TFLite (LiteRT), batch 1, timed interleaved "
+    "(ORT, LiteRT, ORT, ...): median, 10th and 90th percentile of all calls; a quantized model is timed as its "
+    "int8 artifacts (ONNX QDQ, TFLite int8). Latencies on a shared machine vary from run to run; compare within one "
+    "report. energy_uj_est: an ESTIMATE of energy per inference in microjoules, priced with the 45 nm table of "
+    "Horowitz (ISSCC 2014) as Han et al. (2016) use it: fp32 MAC 3.7 + 0.9 pJ, int8 MAC 0.2 + 0.03 pJ, one SRAM "
+    "activation read per MAC (5 pJ per 32-bit word), every nonzero weight read once from DRAM per inference "
+    "(640 pJ per 32-bit word); quantized models priced as int8 with 4x fewer bytes. Not a measurement.")
+
+# %% ../nbs/60_pipeline.ipynb #2d785f75
+def _md_tables(report:dict)->list:
+    "Lines of report.md: title, settings, the results table and the latency table, with the column notes."
+    cfg = report["config"]
     settings = "; ".join(f"{s}: {v['epochs']} epochs, lr {v['lr']}" for s, v in (report.get("stage_settings") or {}).items())
-    lines = [f"# edgekd run: {cfg['dataset']}", "",
-             f"seed {cfg['seed']}, teacher {cfg['teacher']}, student {cfg['student']}, loss {cfg['loss']}, T = {cfg['temperature']}, "
-             f"alpha = {cfg['alpha']}, latency at batch 1 on {cfg['threads']} thread(s). Stages: {' -> '.join(report['stages'])}."
-             + (f" Training: {settings}." if settings else ""), "",
-             "Accuracy on the validation split (used for every choice: early stopping, checkpoints) and on the test "
-             "split (the result). One row per model, in the order the stages made them.", "",
-             format_table(report["rows"], [c for c in REPORT_COLUMNS if any(c in r for r in report["rows"])]), "",
-             "Latency of the same models, batch 1, in milliseconds:", "",
-             format_table(report["rows"], [c for c in LATENCY_COLUMNS if any(c in r for r in report["rows"])]), "",
-             "test_macro_f1: macro-averaged F1 on test. bytes: the model's PyTorch file (state_dict; a quantized graph stores "
-             "int8 weights); compressed_bytes: the same with zero-heavy tensors as bitmask + nonzero values. "
-             "latency_ms / latency_p90_ms: PyTorch eager, median and 90th percentile over repeated batch-1 calls. "
-             "ort_* / litert_*: the model exported to ONNX (ONNX Runtime) and TFLite (LiteRT), batch 1, timed interleaved "
-             "(ORT, LiteRT, ORT, ...): median, 10th and 90th percentile of all calls; a quantized model is timed as its "
-             "int8 artifacts (ONNX QDQ, TFLite int8). Latencies on a shared machine vary from run to run; compare within one "
-             "report. energy_uj_est: an ESTIMATE of energy per inference in microjoules, priced with the 45 nm table of "
-             "Horowitz (ISSCC 2014) as Han et al. (2016) use it: fp32 MAC 3.7 + 0.9 pJ, int8 MAC 0.2 + 0.03 pJ, one SRAM "
-             "activation read per MAC (5 pJ per 32-bit word), every nonzero weight read once from DRAM per inference "
-             "(640 pJ per 32-bit word); quantized models priced as int8 with 4x fewer bytes. Not a measurement.", ""]
+    return [f"# edgekd run: {cfg['dataset']}", "",
+            f"seed {cfg['seed']}, teacher {cfg['teacher']}, student {cfg['student']}, loss {cfg['loss']}, T = {cfg['temperature']}, "
+            f"alpha = {cfg['alpha']}, latency at batch 1 on {cfg['threads']} thread(s). Stages: {' -> '.join(report['stages'])}."
+            + (f" Training: {settings}." if settings else ""), "",
+            "Accuracy on the validation split (used for every choice: early stopping, checkpoints) and on the test "
+            "split (the result). One row per model, in the order the stages made them.", "",
+            format_table(report["rows"], [c for c in REPORT_COLUMNS if any(c in r for r in report["rows"])]), "",
+            "Latency of the same models, batch 1, in milliseconds:", "",
+            format_table(report["rows"], [c for c in LATENCY_COLUMNS if any(c in r for r in report["rows"])]), "",
+            _COLUMN_NOTES, ""]
+
+# %% ../nbs/60_pipeline.ipynb #44bc5422
+def _md_kd(report:dict)->list:
+    "Lines of report.md on the distillation gain, for the first seed and over all seeds."
+    kd, sd, lines = report["kd"], report.get("seeds"), []
     if kd:
         rec = "n/a (the student is not behind the teacher)" if kd["gap_recovered"] is None else f"{kd['gap_recovered']:.0%}"
         lines += [f"Distillation changed the student's test accuracy by {100 * kd['kd_gain']:+.2f} points "
                   f"({100 * kd['student']:.2f}% -> {100 * kd['student_kd']:.2f}%); teacher {100 * kd['teacher']:.2f}%. "
                   f"Share of the teacher-student gap recovered: {rec}.", ""]
-    sd = report.get("seeds")
     if sd:
         gains = ", ".join(f"{100 * p['kd_gain']:+.2f}" for p in sd["per_seed"])
         lines += [f"Over seeds {', '.join(map(str, sd['seeds']))}: distillation changed the student's test accuracy by "
                   f"{100 * sd['kd_gain_mean']:+.2f} ± {100 * sd['kd_gain_std']:.2f} points (mean ± sample std; per seed: {gains}); "
                   f"teacher {100 * sd['teacher_mean']:.2f} ± {100 * sd['teacher_std']:.2f}%, student {100 * sd['student_mean']:.2f} ± "
                   f"{100 * sd['student_std']:.2f}%, distilled {100 * sd['student_kd_mean']:.2f} ± {100 * sd['student_kd_std']:.2f}%.", ""]
+    return lines
+
+# %% ../nbs/60_pipeline.ipynb #b5e04d46
+def _md_final(report:dict)->list:
+    "Lines of report.md on the final model, the deploy bundle and the ARM64 check."
+    fin, lines = report.get("final") or {}, []
     if "compression" in fin:
         lines += [f"Final model `{fin['model']}`: {fin['compression']:.1f}x fewer bytes than the teacher (PyTorch files), "
                   f"test accuracy {fin['accuracy_change']:+.2f} points against the teacher"
@@ -899,10 +969,19 @@ def render_markdown(report:dict)->str:
     arm = report.get("arm")
     if arm: lines += [f"ARM64 check: skipped, {arm['skipped']}; to run it: `{arm['fix']}`" if "skipped" in arm else
                       f"ARM64 check (emulated Cortex-A53): {'passed' if arm['passed'] else 'FAILED'}; details in arm_check.md", ""]
-    lines += ["| step | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
-    lines += ["", f"Total wall time {report['wall_seconds']:.1f} s on {report['machine']}; "
-              f"edgekd {report['versions']['edgekd']}, torch {report['versions']['torch']}.", ""]
-    return "\n".join(lines)
+    return lines
+
+# %% ../nbs/60_pipeline.ipynb #4ec03e22
+def _md_timing(report:dict)->list:
+    "Lines of report.md: seconds per step, total wall time, machine and versions."
+    lines = ["| step | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
+    return lines + ["", f"Total wall time {report['wall_seconds']:.1f} s on {report['machine']}; "
+                    f"edgekd {report['versions']['edgekd']}, torch {report['versions']['torch']}.", ""]
+
+# %% ../nbs/60_pipeline.ipynb #ac3cbf36
+def render_markdown(report:dict)->str:
+    "The human-readable `report.md` for a pipeline `report` dict."
+    return "\n".join(_md_tables(report) + _md_kd(report) + _md_final(report) + _md_timing(report))
 
 # %% ../nbs/60_pipeline.ipynb #61502520
 def summary_lines(report:dict, # a pipeline report, with 'out' (the output folder)
@@ -976,6 +1055,52 @@ def write_report(run:Run, # the finished run
         fig.savefig(run.dir/"tradeoff.png", dpi=120, bbox_inches="tight")
     return report
 
+# %% ../nbs/60_pipeline.ipynb #e4266338
+def _plan_run(cfg:RunConfig, # the options, keyword arguments applied
+              stages:list|None, # as in `run_pipeline`
+              dls:DataLoaders|None, # the caller's data, or None
+              teacher:nn.Module|None, student:nn.Module|None, # the caller's own modules, or None
+             )->tuple:
+    "`(cfg, plan)`: the resolved options and the `(name, function)` pairs of the stages to run."
+    if dls is not None:
+        if not isinstance(dls, DataLoaders): raise ConfigError(f"dls must be edgekd.data.DataLoaders, got {type(dls).__name__}")
+        cfg = dataclasses.replace(cfg, dataset=dls.name, batch_size=dls.train.batch_size)
+    cfg = resolve_config(cfg, own_data=dls is not None)
+    if stages is not None and any(isinstance(s, str) for s in stages):   # registered names keep their order rules
+        plan_stages(dataclasses.replace(cfg, stages=[s for s in stages if isinstance(s, str)]))
+    plan = [(s, STAGES[s].fn) if isinstance(s, str) else tuple(s) for s in (plan_stages(cfg) if stages is None else stages)]
+    if (teacher is not None or student is not None) and cfg.seeds and len(cfg.seeds) > 1:
+        raise ConfigError("seeds repeats training with the zoo's models; it cannot be combined with your own teacher or student")
+    return cfg, plan
+
+# %% ../nbs/60_pipeline.ipynb #e4ec56f1
+def _check_user_models(run:Run, # the run, data loaded
+                       names:list, # names of the planned stages
+                       teacher:nn.Module|None, student:nn.Module|None, # the caller's own modules, or None
+                      ):
+    "Check the caller's modules against the data and build the zoo models the stages will train."
+    if teacher is not None: run.models["teacher"] = check_model_fits(teacher, run.dls, "teacher")
+    if student is not None: run.user_student = check_model_fits(student, run.dls, "student")
+    for role in ("teacher", "student"):   # a model that does not fit the data fails now, before any training
+        if (role in names or (role == "student" and "distill" in names)) and not (role == "teacher" and teacher is not None):
+            build_model(run, role)
+
+# %% ../nbs/60_pipeline.ipynb #13f160d3
+def _run_stages(run:Run, # the run, models checked
+                plan:list, # `(name, function)` pairs
+               ):
+    "Run and time every stage of `plan`, then the runtime latencies and the further seeds if the config asks for them."
+    cfg, log = run.cfg, run.log
+    for i, (name, fn) in enumerate(plan, 1):
+        t = time.perf_counter(); fn(run); run.seconds[name] = round(time.perf_counter() - t, 2)
+        log(f"[{i}/{len(plan)}] {name} done in {run.seconds[name]:.1f} s")
+    if cfg.runtime_latency and cfg.export and run.rows:
+        t = time.perf_counter(); measure_runtimes(run); run.seconds["runtime latency"] = round(time.perf_counter() - t, 2)
+        log(f"[runtime latency] ONNX Runtime and LiteRT timings done in {run.seconds['runtime latency']:.1f} s")
+    if cfg.seeds and len(cfg.seeds) > 1:
+        t = time.perf_counter(); run.extra["seeds"] = repeat_seeds(run); run.seconds["seeds"] = round(time.perf_counter() - t, 2)
+        log(f"[seeds] teacher, student and distill for seeds {', '.join(map(str, cfg.seeds[1:]))} done in {run.seconds['seeds']:.1f} s")
+
 # %% ../nbs/60_pipeline.ipynb #3f22c943
 def run_pipeline(cfg:RunConfig|None=None, # options; keyword arguments override its fields
                  teacher:nn.Module|str|None=None, # your own (untrained) teacher module, or a model spec (sets `cfg.teacher`)
@@ -988,36 +1113,14 @@ def run_pipeline(cfg:RunConfig|None=None, # options; keyword arguments override 
     "Run the pipeline and write `report.md`, `report.json`, `tradeoff.png`, `weights/` and `bundle/` to `cfg.out`."
     if isinstance(teacher, str): kwargs["teacher"], teacher = teacher, None
     if isinstance(student, str): kwargs["student"], student = student, None
-    cfg = dataclasses.replace(cfg or RunConfig(), **kwargs)
-    if dls is not None:
-        if not isinstance(dls, DataLoaders): raise ConfigError(f"dls must be edgekd.data.DataLoaders, got {type(dls).__name__}")
-        cfg = dataclasses.replace(cfg, dataset=dls.name, batch_size=dls.train.batch_size)
-    cfg = resolve_config(cfg, own_data=dls is not None)
-    if stages is not None and any(isinstance(s, str) for s in stages):   # registered names keep their order rules
-        plan_stages(dataclasses.replace(cfg, stages=[s for s in stages if isinstance(s, str)]))
-    plan = [(s, STAGES[s].fn) if isinstance(s, str) else tuple(s) for s in (plan_stages(cfg) if stages is None else stages)]
-    if (teacher is not None or student is not None) and cfg.seeds and len(cfg.seeds) > 1:
-        raise ConfigError("seeds repeats training with the zoo's models; it cannot be combined with your own teacher or student")
+    cfg, plan = _plan_run(dataclasses.replace(cfg or RunConfig(), **kwargs), stages, dls, teacher, student)
     t0 = time.perf_counter()
     with atomic_dir(cfg.out) as tmp:
         data = dls if dls is not None else load_data(cfg)
         run = Run(cfg, data, tmp, log=log, own_data=dls is not None)
-        if teacher is not None: run.models["teacher"] = check_model_fits(teacher, data, "teacher")
-        if student is not None: run.user_student = check_model_fits(student, data, "student")
-        names = [n for n, _ in plan]
-        for role in ("teacher", "student"):   # a model that does not fit the data fails now, before any training
-            if (role in names or (role == "student" and "distill" in names)) and not (role == "teacher" and teacher is not None):
-                build_model(run, role)
+        _check_user_models(run, [n for n, _ in plan], teacher, student)
         with num_threads(cfg.threads):
-            for i, (name, fn) in enumerate(plan, 1):
-                t = time.perf_counter(); fn(run); run.seconds[name] = round(time.perf_counter() - t, 2)
-                log(f"[{i}/{len(plan)}] {name} done in {run.seconds[name]:.1f} s")
-            if cfg.runtime_latency and cfg.export and run.rows:
-                t = time.perf_counter(); measure_runtimes(run); run.seconds["runtime latency"] = round(time.perf_counter() - t, 2)
-                log(f"[runtime latency] ONNX Runtime and LiteRT timings done in {run.seconds['runtime latency']:.1f} s")
-            if cfg.seeds and len(cfg.seeds) > 1:
-                t = time.perf_counter(); run.extra["seeds"] = repeat_seeds(run); run.seconds["seeds"] = round(time.perf_counter() - t, 2)
-                log(f"[seeds] teacher, student and distill for seeds {', '.join(map(str, cfg.seeds[1:]))} done in {run.seconds['seeds']:.1f} s")
+            _run_stages(run, plan)
             report = write_report(run, time.perf_counter() - t0)
     report["out"] = str(Path(cfg.out).absolute())
     log(f"Finished in {report['wall_seconds']:.0f} s.\n" + "\n".join("  " + s for s in summary_lines(report)))

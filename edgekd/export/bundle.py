@@ -100,6 +100,7 @@ emulation). Your own inputs must be preprocessed as `metadata.json` says, saved 
 `numpy.save('x.npy', x.astype('float32'))`.
 """
 
+# %% ../../nbs/54_bundle.ipynb #3b57c507
 def _requirements(keys:Iterable[str])->str:
     "requirements.txt for the runtimes that the kinds `keys` need, pinned to the versions the bundle was checked with."
     lines = [f"numpy>={metadata.version('numpy').split('.')[0]}.0"]
@@ -109,6 +110,79 @@ def _requirements(keys:Iterable[str])->str:
 # %% ../../nbs/54_bundle.ipynb #d69b49b6
 BUNDLE_FORMAT, BUNDLE_VERSION = "edgekd-bundle", 1   # what metadata.json says; `load_bundle` checks both
 
+# %% ../../nbs/54_bundle.ipynb #1df6a11c
+def _version(package:str)->str|None:
+    "Installed version of `package`, None if it is not installed."
+    try: return metadata.version(package)
+    except metadata.PackageNotFoundError: return None
+
+# %% ../../nbs/54_bundle.ipynb #65c38460
+def _bundle_plan(model, data, # as in `write_bundle`
+                 artifacts:Iterable[str]|None, float_model, # as in `write_bundle`
+                 n_samples:int, n_calib:int, seed:int, # as in `write_bundle`
+                )->tuple:
+    "`(keys, skipped, inputs)`: the kinds to make, the kinds skipped with the reason, and `_bundle_inputs`; `ConfigError` if nothing fits."
+    keys, skipped = plan_artifacts(model, artifacts, float_model)  # kinds that cannot be made from `model`: skipped, with the reason
+    if not keys: raise ConfigError("no requested kind of artifact can be made: " + "; ".join(f"{k}: {r}" for k, r in skipped.items()))
+    check_number(n_samples, "n_samples", lo=1, integer=True); check_number(n_calib, "n_calib", lo=1, integer=True)
+    d = _bundle_inputs(data, model, n_samples, n_calib, seed)
+    need = [k for k in keys if ARTIFACTS[k].calibrated]
+    if need and d["calibration"] is None:
+        raise ConfigError(f"artifacts {', '.join(need)} need calibration in data (real training inputs), or leave them out of artifacts")
+    return keys, skipped, d
+
+# %% ../../nbs/54_bundle.ipynb #a5873c3a
+def _reference_outputs(tmp:Path, # the bundle folder being written
+                       paths:dict, # artifact key -> its file in `tmp`
+                       x:np.ndarray, # the sample inputs
+                       ref:np.ndarray, # PyTorch's logits on `x`
+                       labels, # the sample labels (None: unknown)
+                      )->tuple:
+    "Run each artifact on `x`, check the exact kinds against `ref`, save the logits: `(reference, tolerance, info)` for metadata.json."
+    reference, tolerance, info = {"inputs": "sample_inputs.npy"}, {}, {}
+    for k, p in paths.items():
+        kind, rt = ARTIFACTS[k], load_runtime(p); y = rt.predict(x)
+        if kind.exact and not np.abs(y - ref).max() <= PARITY_ATOL:
+            raise ArtifactError(f"{p.name} differs from PyTorch by {np.abs(y - ref).max():.2e} > {PARITY_ATOL:g} on the sample inputs")
+        np.save(tmp/f"reference_{k}.npy", y)
+        reference[k], tolerance[k] = f"reference_{k}.npy", _tolerance(k, y)
+        info[k] = dict(file=p.name, runtime=kind.runtime, bytes=p.stat().st_size, batch_size=rt.batch_size,
+                       description=kind.description,
+                       sample_accuracy=None if labels is None else accuracy(y, labels))
+    return reference, tolerance, info
+
+# %% ../../nbs/54_bundle.ipynb #775538d4
+def _bundle_metadata(name:str, d:dict, prep:dict, # model name, `_bundle_inputs`, preprocessing description
+                     paths:dict, skipped:dict, # artifact key -> file; kinds left out -> why
+                     checks:tuple, # `(reference, tolerance, info)` from `_reference_outputs`
+                     n_classes:int, # number of output logits
+                    )->dict:
+    "The content of a bundle's metadata.json."
+    reference, tolerance, info = checks
+    onnx_file = next((p for k, p in paths.items() if ARTIFACTS[k].runtime == "onnxruntime"), None)
+    return {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "name": name, "dataset": d["dataset"],
+            "input_shape": list(d["input_shape"]), "input_dtype": "float32", "n_classes": int(n_classes),
+            "classes": [str(c) for c in d["classes"]], "preprocessing": prep,
+            "artifacts": {k: p.name for k, p in paths.items()}, "artifact_info": info, "skipped": skipped,
+            "edgekd_version": edgekd.__version__, "opset": None if onnx_file is None else onnx_opset(onnx_file),
+            "reference": reference, "tolerance": tolerance,
+            "sample_labels": None if d["sample_labels"] is None else [int(v) for v in d["sample_labels"]],
+            "created_with": {p: _version(p) for p in ("torch", "onnx", "onnxruntime", "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "executorch")}}
+
+# %% ../../nbs/54_bundle.ipynb #6eb1e092
+def _bundle_readme(name:str, d:dict, prep:dict, # model name, `_bundle_inputs`, preprocessing description
+                   paths:dict, skipped:dict, # artifact key -> file; kinds left out -> why
+                   n_classes:int, # number of output logits
+                  )->str:
+    "The README.md of a bundle."
+    table = "\n".join(f"| `{k}` | `{p.name}` | {p.stat().st_size:,} | {ARTIFACTS[k].description} |" for k, p in paths.items())
+    runtimes = "; ".join(f"`{k}` needs {', '.join(ARTIFACTS[k].requirements)}" for k in paths)
+    return (_BUNDLE_README.format(
+        name=name, n_classes=n_classes, dataset=d["dataset"], version=edgekd.__version__, table=table,
+        shape=", ".join(map(str, d["input_shape"])), preprocessing=prep["description"], first=next(iter(paths)), runtimes=runtimes)
+        + "".join(f"\nNot included: `{k}`: {r}.\n" for k, r in skipped.items()))
+
+# %% ../../nbs/54_bundle.ipynb #eace78a6
 def write_bundle(model, # the trained PyTorch model or exported graph
                  data, # `DataLoaders` (test samples, training samples for calibration, classes), or a dict with
                        # input_shape, classes, sample_inputs and optionally calibration, sample_labels, dataset, preprocessing
@@ -123,13 +197,7 @@ def write_bundle(model, # the trained PyTorch model or exported graph
                  float_model=None, # for a PT2E-quantized `model`: the float model it came from (TFLite int8 is quantized again from it)
                 )->Path:
     "Export `model` to the requested kinds of artifact and write a self-checking deploy bundle (layout: see above) to `out`."
-    keys, skipped = plan_artifacts(model, artifacts, float_model)  # kinds that cannot be made from `model`: skipped, with the reason
-    if not keys: raise ConfigError("no requested kind of artifact can be made: " + "; ".join(f"{k}: {r}" for k, r in skipped.items()))
-    check_number(n_samples, "n_samples", lo=1, integer=True); check_number(n_calib, "n_calib", lo=1, integer=True)
-    d = _bundle_inputs(data, model, n_samples, n_calib, seed)
-    need = [k for k in keys if ARTIFACTS[k].calibrated]
-    if need and d["calibration"] is None:
-        raise ConfigError(f"artifacts {', '.join(need)} need calibration in data (real training inputs), or leave them out of artifacts")
+    keys, skipped, d = _bundle_plan(model, data, artifacts, float_model, n_samples, n_calib, seed)
     name = name or type(model).__name__
     prep = preprocessing or d.get("preprocessing") or PREPROCESSING.get(d["dataset"]) or \
         {"description": "inputs exactly as produced by the training DataLoader"}
@@ -137,40 +205,12 @@ def write_bundle(model, # the trained PyTorch model or exported graph
         paths = export_all(model, tmp, d["calibration"], keys, d["input_shape"], opset, float_model=float_model)
         x = d["sample_inputs"]; ref = torch_logits(model, x)
         np.save(tmp/"sample_inputs.npy", x)
-        reference, tolerance, info = {"inputs": "sample_inputs.npy"}, {}, {}
-        for k, p in paths.items():
-            kind, rt = ARTIFACTS[k], load_runtime(p); y = rt.predict(x)
-            if kind.exact and not np.abs(y - ref).max() <= PARITY_ATOL:
-                raise ArtifactError(f"{p.name} differs from PyTorch by {np.abs(y - ref).max():.2e} > {PARITY_ATOL:g} on the sample inputs")
-            np.save(tmp/f"reference_{k}.npy", y)
-            reference[k], tolerance[k] = f"reference_{k}.npy", _tolerance(k, y)
-            info[k] = dict(file=p.name, runtime=kind.runtime, bytes=p.stat().st_size, batch_size=rt.batch_size,
-                           description=kind.description,
-                           sample_accuracy=None if d["sample_labels"] is None else accuracy(y, d["sample_labels"]))
-        onnx_file = next((p for k, p in paths.items() if ARTIFACTS[k].runtime == "onnxruntime"), None)
-        meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "name": name, "dataset": d["dataset"],
-                "input_shape": list(d["input_shape"]), "input_dtype": "float32", "n_classes": int(ref.shape[1]),
-                "classes": [str(c) for c in d["classes"]], "preprocessing": prep,
-                "artifacts": {k: p.name for k, p in paths.items()}, "artifact_info": info, "skipped": skipped,
-                "edgekd_version": edgekd.__version__, "opset": None if onnx_file is None else onnx_opset(onnx_file),
-                "reference": reference, "tolerance": tolerance,
-                "sample_labels": None if d["sample_labels"] is None else [int(v) for v in d["sample_labels"]],
-                "created_with": {p: _version(p) for p in ("torch", "onnx", "onnxruntime", "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "executorch")}}
-        atomic_write(tmp/"metadata.json", json.dumps(meta, indent=2))
+        checks = _reference_outputs(tmp, paths, x, ref, d["sample_labels"])
+        atomic_write(tmp/"metadata.json", json.dumps(_bundle_metadata(name, d, prep, paths, skipped, checks, ref.shape[1]), indent=2))
         atomic_write(tmp/"predict.py", Path(predictor.__file__).read_bytes())
         atomic_write(tmp/"requirements.txt", _requirements(paths))
-        table = "\n".join(f"| `{k}` | `{p.name}` | {p.stat().st_size:,} | {ARTIFACTS[k].description} |" for k, p in paths.items())
-        runtimes = "; ".join(f"`{k}` needs {', '.join(ARTIFACTS[k].requirements)}" for k in paths)
-        atomic_write(tmp/"README.md", _BUNDLE_README.format(
-            name=name, n_classes=ref.shape[1], dataset=d["dataset"], version=edgekd.__version__, table=table,
-            shape=", ".join(map(str, d["input_shape"])), preprocessing=prep["description"], first=next(iter(paths)), runtimes=runtimes)
-            + "".join(f"\nNot included: `{k}`: {r}.\n" for k, r in skipped.items()))
+        atomic_write(tmp/"README.md", _bundle_readme(name, d, prep, paths, skipped, ref.shape[1]))
     return Path(out)
-
-def _version(package:str)->str|None:
-    "Installed version of `package`, None if it is not installed."
-    try: return metadata.version(package)
-    except metadata.PackageNotFoundError: return None
 
 # %% ../../nbs/54_bundle.ipynb #77df838a
 def load_bundle(path:str|os.PathLike, # a bundle folder, as written by `write_bundle`
@@ -253,12 +293,14 @@ def verify_bundle(bundle:str|os.PathLike, # a bundle folder
 EDGE_DEVICE = dict(name="single-core Cortex-A53, 1 GB RAM", cpu="cortex-a53", cores=1,
                    ram_mb=1024, reserved_mb=256, storage_mb=8192)
 
+# %% ../../nbs/54_bundle.ipynb #07e11154
 def available_ram_mb(device:dict|None=None, # the device (default `EDGE_DEVICE`; missing keys are taken from it)
                     )->float:
     "RAM the model's process may use on `device`: `ram_mb - reserved_mb` (the reserve is the system's)."
     d = {**EDGE_DEVICE, **(device or {})}
     return d["ram_mb"] - d["reserved_mb"]
 
+# %% ../../nbs/54_bundle.ipynb #9fe6d734
 def edge_budget(peak_rss_mb:float|None, # peak resident memory of the process running the model (None: not measured)
                 model_bytes:int, # size of the model file
                 device:dict|None=None, # the device (default `EDGE_DEVICE`; missing keys are taken from it)
