@@ -27,8 +27,8 @@ __all__ = ['LOSS_METHODS', 'get_module', 'FeatureHooks', 'feature_shapes', 'prop
            'check_distill_loss', 'CELoss', 'KDLoss', 'dkd_terms', 'DKDLoss', 'pearson', 'DISTLoss', 'zscore',
            'LSKDLoss', 'HintLoss', 'attention_map', 'AttentionLoss', 'pool_features', 'CosineLoss', 'rkd_potentials',
            'RKDLoss', 'sp_similarity', 'SPLoss', 'pkt_probabilities', 'PKTLoss', 'info_nce', 'CRDLoss',
-           'MultiDistillCB', 'mutual_losses', 'MutualLearningCB', 'TfKDLoss', 'AdversarialLoss', 'register_loss',
-           'list_losses', 'get_loss', 'build_losses', 'method_callbacks']
+           'MultiDistillCB', 'mutual_losses', 'MutualLearningCB', 'TfKDLoss', 'LossWarmupCB', 'AdversarialLoss',
+           'register_loss', 'list_losses', 'get_loss', 'build_losses', 'method_callbacks']
 
 # %% ../nbs/11_kd_losses.ipynb #94d17474
 def get_module(model:nn.Module, # the model to search
@@ -101,24 +101,30 @@ class FeatureHooks:
         def hook(module, inp, out): self._record(name, out)
         return hook
 
-    def __getitem__(self, name:str)->torch.Tensor:
-        if name not in self.outputs:
-            why = "it is not hooked" if name not in self.names else "no forward pass has run since hooking"
-            raise ConfigError(f"no output recorded for module {name!r}: {why}; hooked: {', '.join(self.names)}")
-        return self.outputs[name]
+# %% ../nbs/11_kd_losses.ipynb #2c21e55b
+@patch
+def __getitem__(self:FeatureHooks, name:str)->torch.Tensor:
+    if name not in self.outputs:
+        why = "it is not hooked" if name not in self.names else "no forward pass has run since hooking"
+        raise ConfigError(f"no output recorded for module {name!r}: {why}; hooked: {', '.join(self.names)}")
+    return self.outputs[name]
 
-    def remove(self):
-        "Remove the hooks (and the taps from an exported graph) and forget the stored outputs."
-        for h in self.handles: h.remove()
-        if self.taps:
-            g = self.model.graph
-            for attr, tap in self.taps:
-                tap.replace_all_uses_with(tap.args[0]); g.erase_node(tap); delattr(self.model, attr)
-            self.model.recompile()
-        self.handles, self.taps, self.outputs = [], [], {}
+# %% ../nbs/11_kd_losses.ipynb #c7941596
+@patch
+def remove(self:FeatureHooks):
+    "Remove the hooks (and the taps from an exported graph) and forget the stored outputs."
+    for h in self.handles: h.remove()
+    if self.taps:
+        g = self.model.graph
+        for attr, tap in self.taps:
+            tap.replace_all_uses_with(tap.args[0]); g.erase_node(tap); delattr(self.model, attr)
+        self.model.recompile()
+    self.handles, self.taps, self.outputs = [], [], {}
 
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.remove()
+@patch
+def __enter__(self:FeatureHooks): return self
+@patch
+def __exit__(self:FeatureHooks, *exc): self.remove()
 
 # %% ../nbs/11_kd_losses.ipynb #779b1e20
 @patch
@@ -216,36 +222,70 @@ class DistillLoss(nn.Module):
         "The loss itself, on checked inputs with teacher tensors detached; subclasses implement it."
         raise NotImplementedError
 
-    def forward(self, s_out:torch.Tensor|None, # (batch, classes) student logits
-                t_out:torch.Tensor|None=None, # (batch, classes) teacher logits
-                s_feats:Sequence[torch.Tensor]=(), # student features, one per layer pair
-                t_feats:Sequence[torch.Tensor]=(), # teacher features, paired with `s_feats`
-                targets:torch.Tensor|None=None, # (batch,) hard labels
-               )->torch.Tensor: # scalar
-        who = type(self).__name__
-        t_out = None if t_out is None else t_out.detach()
-        s_feats, t_feats = list(s_feats), [f.detach() for f in t_feats]
-        if self.uses_logits: _check_logits(s_out, t_out, who)
-        if self.uses_features:
-            if not s_feats:
-                raise ConfigError(f"{who} compares features: pass s_feats and t_feats (in MultiDistillCB, feature_pairs=...)")
-            if len(s_feats) != len(t_feats):
-                raise ShapeError(f"{who}: {len(s_feats)} student features but {len(t_feats)} teacher features; they come in pairs")
-            for i, (a, b) in enumerate(zip(s_feats, t_feats)):
-                if a.shape[0] != b.shape[0]:
-                    raise ShapeError(f"{who}: pair {i} has student batch {a.shape[0]} but teacher batch {b.shape[0]}")
-            shapes = ([tuple(f.shape[1:]) for f in s_feats], [tuple(f.shape[1:]) for f in t_feats])
-            if self.shapes is None:
-                self.build(*shapes)
-                self.to(device=s_feats[0].device, dtype=s_feats[0].dtype if s_feats[0].is_floating_point() else None)
-            elif shapes != self.shapes and any(True for _ in self.parameters()):
-                raise ShapeError(f"{who} was built for feature shapes {self.shapes} (student, teacher) but got {shapes}")
-        if self.needs_targets:
-            if targets is None: raise ConfigError(f"{who} needs hard labels (targets), got None")
-            n = (s_out if s_out is not None else s_feats[0]).shape[0]
-            if targets.shape != (n,):
-                raise ShapeError(f"{who}: targets have shape {tuple(targets.shape)}, expected ({n},)")
-        return self.compute(s_out, t_out, s_feats, t_feats, targets)
+# %% ../nbs/11_kd_losses.ipynb #9ff0f8f3
+@patch
+def _check_features(self:DistillLoss, s_feats:list, t_feats:list):
+    "Check the feature pairs; build the trainable parts on the first call, refuse other shapes afterwards."
+    who = type(self).__name__
+    if not s_feats:
+        raise ConfigError(f"{who} compares features: pass s_feats and t_feats (in MultiDistillCB, feature_pairs=...)")
+    if len(s_feats) != len(t_feats):
+        raise ShapeError(f"{who}: {len(s_feats)} student features but {len(t_feats)} teacher features; they come in pairs")
+    for i, (a, b) in enumerate(zip(s_feats, t_feats)):
+        if a.shape[0] != b.shape[0]:
+            raise ShapeError(f"{who}: pair {i} has student batch {a.shape[0]} but teacher batch {b.shape[0]}")
+    shapes = ([tuple(f.shape[1:]) for f in s_feats], [tuple(f.shape[1:]) for f in t_feats])
+    if self.shapes is None:
+        self.build(*shapes)
+        self.to(device=s_feats[0].device, dtype=s_feats[0].dtype if s_feats[0].is_floating_point() else None)
+    elif shapes != self.shapes and any(True for _ in self.parameters()):
+        raise ShapeError(f"{who} was built for feature shapes {self.shapes} (student, teacher) but got {shapes}")
+
+# %% ../nbs/11_kd_losses.ipynb #3e3c5f08
+@patch
+def _check_targets(self:DistillLoss, s_out, s_feats:list, targets):
+    "Check that `targets` holds one hard label per sample."
+    who = type(self).__name__
+    if targets is None: raise ConfigError(f"{who} needs hard labels (targets), got None")
+    n = (s_out if s_out is not None else s_feats[0]).shape[0]
+    if targets.shape != (n,):
+        raise ShapeError(f"{who}: targets have shape {tuple(targets.shape)}, expected ({n},)")
+
+# %% ../nbs/11_kd_losses.ipynb #74dbf8cc
+@patch
+def forward(self:DistillLoss, s_out:torch.Tensor|None, # (batch, classes) student logits
+            t_out:torch.Tensor|None=None, # (batch, classes) teacher logits
+            s_feats:Sequence[torch.Tensor]=(), # student features, one per layer pair
+            t_feats:Sequence[torch.Tensor]=(), # teacher features, paired with `s_feats`
+            targets:torch.Tensor|None=None, # (batch,) hard labels
+           )->torch.Tensor: # scalar
+    t_out = None if t_out is None else t_out.detach()
+    s_feats, t_feats = list(s_feats), [f.detach() for f in t_feats]
+    if self.uses_logits: _check_logits(s_out, t_out, type(self).__name__)
+    if self.uses_features: self._check_features(s_feats, t_feats)
+    if self.needs_targets: self._check_targets(s_out, s_feats, targets)
+    return self.compute(s_out, t_out, s_feats, t_feats, targets)
+
+# %% ../nbs/11_kd_losses.ipynb #02fc06cc
+def _check_zero_at_equal(loss:DistillLoss, t_out, s_out, t_feats:list, targets, eps:float):
+    "Assert that `loss` is ~0 when the student's inputs equal the teacher's."
+    same_s = None if t_out is None or not loss.uses_logits else t_out.detach().clone()
+    if not loss.uses_logits: same_s = s_out
+    z = loss(same_s, t_out, [f.detach().clone() for f in t_feats], t_feats, targets).item()
+    assert abs(z) <= eps, f"{type(loss).__name__} is {z:.3g}, not 0, when the student equals the teacher"
+
+# %% ../nbs/11_kd_losses.ipynb #6e78e4b7
+def _check_shape_errors(loss:DistillLoss, s_out, t_out, s_feats:list, t_feats:list, targets):
+    "Assert that `loss` raises `ShapeError` for teacher logits with one class less and teacher features with one sample less."
+    who = type(loss).__name__
+    if loss.uses_logits and t_out is not None:
+        try: loss(s_out, t_out[:, :-1], s_feats, t_feats, targets)
+        except ShapeError: pass
+        else: raise AssertionError(f"{who} accepted teacher logits with a different number of classes")
+    if loss.uses_features and t_feats:
+        try: loss(s_out, t_out, s_feats, [f[:-1] for f in t_feats], targets)
+        except ShapeError: pass
+        else: raise AssertionError(f"{who} accepted teacher features with a different batch size")
 
 # %% ../nbs/11_kd_losses.ipynb #ff2452f5
 def check_distill_loss(loss:DistillLoss, # the loss to check (called in its current train/eval mode)
@@ -270,19 +310,8 @@ def check_distill_loss(loss:DistillLoss, # the loss to check (called in its curr
     student = [x for x in [so, *sf] if x is not None]
     assert any(x.grad is not None and x.grad.abs().sum() > 0 for x in student), f"no gradient reached the student in {who}"
     assert all(x.grad is None for x in [to, *tf] if x is not None), f"a gradient reached the teacher in {who}"
-    if zero_at_equal:
-        same_s = None if t_out is None or not loss.uses_logits else t_out.detach().clone()
-        if not loss.uses_logits: same_s = s_out
-        z = loss(same_s, t_out, [f.detach().clone() for f in t_feats], t_feats, targets).item()
-        assert abs(z) <= eps, f"{who} is {z:.3g}, not 0, when the student equals the teacher"
-    if loss.uses_logits and t_out is not None:
-        try: loss(s_out, t_out[:, :-1], s_feats, t_feats, targets)
-        except ShapeError: pass
-        else: raise AssertionError(f"{who} accepted teacher logits with a different number of classes")
-    if loss.uses_features and t_feats:
-        try: loss(s_out, t_out, s_feats, [f[:-1] for f in t_feats], targets)
-        except ShapeError: pass
-        else: raise AssertionError(f"{who} accepted teacher features with a different batch size")
+    if zero_at_equal: _check_zero_at_equal(loss, t_out, s_out, list(t_feats), targets, eps)
+    _check_shape_errors(loss, s_out, t_out, list(s_feats), list(t_feats), targets)
     return v.item()
 
 # %% ../nbs/11_kd_losses.ipynb #0454308b
@@ -558,26 +587,31 @@ class CRDLoss(DistillLoss):
             raise ConfigError(f"CRDLoss uses one layer pair (the final features), got {len(s_shapes)} pairs")
         super().build(s_shapes, t_shapes)
         self.embed_s, self.embed_t = nn.Linear(s_shapes[0][0], self.dim), nn.Linear(t_shapes[0][0], self.dim)
-
-    def embed(self, s:torch.Tensor, t:torch.Tensor)->tuple:
-        "L2-normalised embeddings of student and teacher features in the shared space."
-        return F.normalize(self.embed_s(pool_features(s)), dim=1), F.normalize(self.embed_t(pool_features(t)), dim=1)
-
-    def _enqueue(self, es, et):
-        k = min(len(es), self.memory)
-        if k == 0: return
-        idx = (self.ptr + torch.arange(k, device=self.ptr.device)) % self.memory
-        self.bank_s[idx], self.bank_t[idx] = es[-k:], et[-k:]
-        self.ptr.copy_((self.ptr + k) % self.memory); self.stored.clamp_(max=self.memory - k).add_(k)
-
-    def compute(self, s_out, t_out, s_feats, t_feats, targets):
-        es, et = self.embed(s_feats[0], t_feats[0])
-        filled = torch.arange(self.memory, device=es.device) < self.stored   # no host sync: works on any device
-        bank_s, bank_t = self.bank_s.clone(), self.bank_t.clone()   # copies: the queue changes before backward
-        loss = info_nce(es, et, bank_t, self.temperature, filled) + info_nce(et, es, bank_s, self.temperature, filled)
-        if self.training: self._enqueue(es.detach(), et.detach())
-        return loss
     def extra_repr(self): return f"dim={self.dim}, temperature={self.temperature}, memory={self.memory}"
+
+# %% ../nbs/11_kd_losses.ipynb #8cf828f6
+@patch
+def embed(self:CRDLoss, s:torch.Tensor, t:torch.Tensor)->tuple:
+    "L2-normalised embeddings of student and teacher features in the shared space."
+    return F.normalize(self.embed_s(pool_features(s)), dim=1), F.normalize(self.embed_t(pool_features(t)), dim=1)
+
+@patch
+def _enqueue(self:CRDLoss, es, et):
+    k = min(len(es), self.memory)
+    if k == 0: return
+    idx = (self.ptr + torch.arange(k, device=self.ptr.device)) % self.memory
+    self.bank_s[idx], self.bank_t[idx] = es[-k:], et[-k:]
+    self.ptr.copy_((self.ptr + k) % self.memory); self.stored.clamp_(max=self.memory - k).add_(k)
+
+# %% ../nbs/11_kd_losses.ipynb #e5aca0bb
+@patch
+def compute(self:CRDLoss, s_out, t_out, s_feats, t_feats, targets):
+    es, et = self.embed(s_feats[0], t_feats[0])
+    filled = torch.arange(self.memory, device=es.device) < self.stored   # no host sync: works on any device
+    bank_s, bank_t = self.bank_s.clone(), self.bank_t.clone()   # copies: the queue changes before backward
+    loss = info_nce(es, et, bank_t, self.temperature, filled) + info_nce(et, es, bank_s, self.temperature, filled)
+    if self.training: self._enqueue(es.detach(), et.detach())
+    return loss
 
 # %% ../nbs/11_kd_losses.ipynb #0061a068
 def _check_pairs(pairs, what:str)->list:
@@ -607,6 +641,18 @@ def _device_of(learn)->torch.device:
     t = next(iter([*learn.model.parameters(), *learn.model.buffers()]), None)
     return torch.device("cpu") if t is None else t.device
 
+# %% ../nbs/11_kd_losses.ipynb #bcc03e28
+def _check_losses(losses:dict, weights:dict|None)->dict:
+    "Check the losses of a `MultiDistillCB`; return the weight of every loss (missing names: 1.0)."
+    if not isinstance(losses, dict) or not losses:
+        raise ConfigError(f"losses must be a non-empty dict name -> DistillLoss, got {losses!r}")
+    for k, l in losses.items():
+        if not isinstance(l, DistillLoss): raise ConfigError(f"losses[{k!r}] must be a DistillLoss, got {type(l).__name__}")
+    weights = dict(weights or {})
+    if set(weights) - set(losses):
+        raise ConfigError(f"weights given for unknown loss(es) {sorted(set(weights) - set(losses))}; losses are {list(losses)}")
+    return {k: float(check_number(weights.get(k, 1.0), f"weight of {k!r}", lo=0)) for k in losses}
+
 # %% ../nbs/11_kd_losses.ipynb #266c9f0a
 class MultiDistillCB(Callback):
     "Offline distillation: replace the training loss by a weighted sum of `DistillLoss`es against a frozen teacher, training their adapters too."
@@ -620,15 +666,8 @@ class MultiDistillCB(Callback):
                 ):
         if not isinstance(teacher, nn.Module):
             raise ConfigError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
-        if not isinstance(losses, dict) or not losses:
-            raise ConfigError(f"losses must be a non-empty dict name -> DistillLoss, got {losses!r}")
-        for k, l in losses.items():
-            if not isinstance(l, DistillLoss): raise ConfigError(f"losses[{k!r}] must be a DistillLoss, got {type(l).__name__}")
-        weights = dict(weights or {})
-        if set(weights) - set(losses):
-            raise ConfigError(f"weights given for unknown loss(es) {sorted(set(weights) - set(losses))}; losses are {list(losses)}")
+        self.weights = _check_losses(losses, weights)
         self.teacher, self.losses = teacher, nn.ModuleDict(losses)
-        self.weights = {k: float(check_number(weights.get(k, 1.0), f"weight of {k!r}", lo=0)) for k in losses}
         self.pairs = self._pairs_per_loss(feature_pairs)
         self.weighting = check_choice(weighting, "weighting", ("fixed", "balanced", "uncertainty"))
         self.reference = check_choice(reference, "reference term", list(losses)) if reference is not None else \
@@ -818,18 +857,23 @@ class MutualLearningCB(Callback):
         params = [p for p in self.peer.parameters() if id(p) not in have]
         if params: learn.opt.add_param_group({"params": params})
     def after_replace_model(self, learn): self._join(learn)   # the new optimizer must train the peer too
-    def before_train(self, learn): set_mode(self.peer, True)
-    def before_validate(self, learn): set_mode(self.peer, False); self.correct = self.seen = 0
-    def after_loss(self, learn):
-        if learn.training:
-            la, lb = mutual_losses(learn.preds, self.peer(learn.xb), learn.yb[0] if learn.yb else None,
-                                   self.temperature, self.weight)
-            learn.loss = la + lb
-        elif learn.yb:
-            self.correct += int((self.peer(learn.xb).argmax(1) == learn.yb[0]).sum()); self.seen += len(learn.xb)
-    def after_epoch(self, learn):
-        if getattr(self, "seen", 0) and learn.history: learn.history[-1]["peer_accuracy"] = self.correct / self.seen
     def cleanup(self, learn): set_mode(self.peer, False)
+
+# %% ../nbs/11_kd_losses.ipynb #a601c6eb
+@patch
+def before_train(self:MutualLearningCB, learn): set_mode(self.peer, True)
+@patch
+def before_validate(self:MutualLearningCB, learn): set_mode(self.peer, False); self.correct = self.seen = 0
+@patch
+def after_loss(self:MutualLearningCB, learn):
+    if learn.training:
+        la, lb = mutual_losses(learn.preds, self.peer(learn.xb), learn.yb[0] if learn.yb else None, self.temperature, self.weight)
+        learn.loss = la + lb
+    elif learn.yb:
+        self.correct += int((self.peer(learn.xb).argmax(1) == learn.yb[0]).sum()); self.seen += len(learn.xb)
+@patch
+def after_epoch(self:MutualLearningCB, learn):
+    if getattr(self, "seen", 0) and learn.history: learn.history[-1]["peer_accuracy"] = self.correct / self.seen
 
 # %% ../nbs/11_kd_losses.ipynb #bb45d368
 class TfKDLoss(DistillLoss):
@@ -847,6 +891,24 @@ class TfKDLoss(DistillLoss):
         p = self.virtual_teacher(targets, s_out.shape[1], s_out.dtype)
         return (p * (p.log() - F.log_softmax(s_out, -1))).sum(-1).mean()
     def extra_repr(self): return f"correct_prob={self.correct_prob}"
+
+# %% ../nbs/11_kd_losses.ipynb #45b0ee77
+class LossWarmupCB(Callback):
+    "Warm up one term of a `MultiDistillCB`: weight = base * min(1, epoch / epochs), epochs counted from 1 (DKD's warm-up)."
+    order = -6   # before MultiDistillCB (order -5)
+    def __init__(self, dist_cb:MultiDistillCB, # the callback whose term is warmed up
+                 term:str, # a name of `dist_cb.losses`, e.g. 'dkd'
+                 epochs:int, # epochs until the full weight (1: no warm-up)
+                ):
+        if not isinstance(dist_cb, MultiDistillCB): raise ConfigError(f"dist_cb must be a MultiDistillCB, got {type(dist_cb).__name__}")
+        self.cb, self.term = dist_cb, check_choice(term, "warm-up term", list(dist_cb.losses))
+        self.epochs = check_number(epochs, f"warm-up epochs of {term!r}", lo=1, integer=True)
+        self.base = dist_cb.weights[term]
+    def factor(self, epoch:int)->float:
+        "The weight multiplier in `epoch` (counted from 1)."
+        return min(1.0, epoch / self.epochs)
+    def before_epoch(self, learn): self.cb.weights[self.term] = self.base * self.factor(learn.epoch + 1)
+    def cleanup(self, learn): self.cb.weights[self.term] = self.base
 
 # %% ../nbs/11_kd_losses.ipynb #462c0429
 class AdversarialLoss(DistillLoss):
@@ -972,8 +1034,23 @@ LOSS_METHODS = {
                         note="discriminator on softmax outputs (Xu et al. 2018)"),
 }
 
+# %% ../nbs/11_kd_losses.ipynb #836a7ff7
+def _fresh_peer(student:nn.Module, seed:int)->nn.Module:
+    "A copy of `student`'s architecture with new random weights (seeded by `seed + 1000`), the peer of mutual learning."
+    set_seed(seed + 1000); peer = copy.deepcopy(student)
+    for m in peer.modules():
+        if hasattr(m, "reset_parameters"): m.reset_parameters()
+    return peer
+
+# %% ../nbs/11_kd_losses.ipynb #3c256688
+def _warmup_callbacks(cb:MultiDistillCB, warmup:dict|None)->list:
+    "One `LossWarmupCB` per entry of a recipe's `warmup` dict (term -> epochs); [] for None."
+    if warmup is None: return []
+    if not isinstance(warmup, dict): raise ConfigError(f"warmup must be a dict term -> epochs, e.g. {{'dkd': 5}}, got {warmup!r}")
+    return [LossWarmupCB(cb, k, e) for k, e in warmup.items()]
+
 # %% ../nbs/11_kd_losses.ipynb #474d7bca
-def method_callbacks(method:str, # a name from `LOSS_METHODS`
+def method_callbacks(method:str|dict, # a name from `LOSS_METHODS`, or a recipe dict of the same form (with 'losses')
                      student:nn.Module, # the student about to be trained
                      teacher:nn.Module|None, # the trained teacher (unused by 'hard', 'dml', 'tf-kd')
                      input_shape:Sequence[int], # shape of one input without batch
@@ -982,17 +1059,17 @@ def method_callbacks(method:str, # a name from `LOSS_METHODS`
                      seed:int=0, # seeds the peer network of 'dml'
                     )->list:
     "The callbacks that turn a plain `Learner` into `method` (see `LOSS_METHODS`)."
-    spec = LOSS_METHODS[check_choice(method, "method", LOSS_METHODS)]
+    if isinstance(method, dict):
+        if "losses" not in method: raise ConfigError(f"a recipe dict needs 'losses' (see LOSS_METHODS), got keys {list(method)}")
+        spec = method
+    else: spec = LOSS_METHODS[check_choice(method, "method", LOSS_METHODS)]
     if method == "hard": return []
-    if method == "dml":
-        set_seed(seed + 1000); peer = copy.deepcopy(student)
-        for m in peer.modules():
-            if hasattr(m, "reset_parameters"): m.reset_parameters()
-        return [MutualLearningCB(peer)]
+    if method == "dml": return [MutualLearningCB(_fresh_peer(student, seed))]
     t = self_teacher if spec.get("teacher") == "self" else teacher
     if t is None: raise ConfigError(f"method {method!r} needs a {'self_teacher' if spec.get('teacher') == 'self' else 'teacher'}")
     losses = build_losses(spec["losses"], n_classes)
     pairs = {"middle": [("features.1", "features.1")], "final": [("features", "features")],
              "stages": propose_pairs(student, t, input_shape), None: None}[spec.get("pairs")]
     if pairs is not None: pairs = {k: pairs for k, l in losses.items() if l.uses_features}
-    return [MultiDistillCB(t, losses, spec.get("weights"), pairs, weighting=spec.get("weighting", "fixed"))]
+    cb = MultiDistillCB(t, losses, spec.get("weights"), pairs, weighting=spec.get("weighting", "fixed"))
+    return [cb] + _warmup_callbacks(cb, spec.get("warmup"))

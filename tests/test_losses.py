@@ -25,3 +25,14 @@ def test_feature_and_relation_matrices_against_references():
     np.testing.assert_allclose(rkd_potentials(e)[0].numpy(), d / (d.sum() / 30), atol=1e-5)   # mean over the 30 pairs i != j
     g = f.flatten(1).double().numpy() @ f.flatten(1).double().numpy().T
     np.testing.assert_allclose(sp_similarity(f).double().numpy(), g / np.linalg.norm(g, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_dkd_beta_workers_match_one_process():
+    "The DKD warm-up/beta experiment in two worker processes gives exactly the runs of one process."
+    kw = dict(seeds=[0, 1], fast=True, progress=False, datasets=["digits"], betas=[1, 8])
+    one = run_experiment("dkd-beta", **kw)
+    two = run_experiment("dkd-beta", workers=2, **kw)
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "sec_per_epoch"} for r in runs]
+    assert strip(one.runs) == strip(two.runs)
+    assert one.summary == two.summary
+    assert sorted({r["method"] for r in one.runs}) == sorted(["teacher", "hard", "kd", "dkd", "dkd+warmup b=1", "dkd+warmup b=8", "dkd b=1"])

@@ -13,7 +13,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..core import check_choice, check_number, num_threads, set_seed
+from ..core import ConfigError, check_choice, check_number, num_threads, set_seed
 from ..data import from_datasets, get_loaders
 from ..experiment import ExperimentResult, register_experiment, summarize, track
 from ..learner import Callback, Learner, SchedulerCB
@@ -21,7 +21,8 @@ from ..losses import LOSS_METHODS, method_callbacks
 from ..models import CNN
 
 # %% auto #0
-__all__ = ['LOSS_BENCH', 'paired_gains', 'plot_losses_benchmark', 'losses_benchmark', 'paired_gain_table']
+__all__ = ['LOSS_BENCH', 'mean_ci', 'paired_gains', 'plot_losses_benchmark', 'losses_benchmark', 'paired_gain_table',
+           'dkd_recipe', 'paired_vs', 'plot_dkd_beta', 'dkd_beta', 'dkd_gain_table']
 
 # %% ../../nbs/11a_kd_losses_experiments.ipynb #9dbddb4a
 LOSS_BENCH = {
@@ -55,21 +56,29 @@ def _fit_eval(model:nn.Module, dls, epochs:int, lr:float, cbs:list=())->dict:
     return dict(valid_accuracy=learn.evaluate(dls.valid)["accuracy"], test_accuracy=learn.evaluate(dls.test)["accuracy"],
                 sec_per_epoch=timer.seconds / epochs)
 
+# %% ../../nbs/11a_kd_losses_experiments.ipynb #77a47da9
+def mean_ci(values:list, # paired differences, one per seed
+            level:float=0.95, # confidence level
+           )->tuple: # (mean, half-width); the half-width is nan for a single value
+    "Mean and half-width of the Student-t confidence interval of the mean: t_{(1+level)/2, n-1} s / sqrt(n)."
+    from scipy import stats
+    v = [float(x) for x in values]
+    n, mu = len(v), sum(v) / len(v)
+    if n < 2: return mu, float("nan")
+    return mu, float(stats.t.ppf((1 + level) / 2, n - 1)) * math.sqrt(sum((x - mu) ** 2 for x in v) / (n - 1) / n)
+
 # %% ../../nbs/11a_kd_losses_experiments.ipynb #8a97cb5f
 def paired_gains(runs:list, # rows of the "losses" experiment (dataset, method, seed, *_gain)
                  split:str="test", # 'test' or 'valid': whose accuracy gains to list
                 )->list: # one row per (dataset, method): per-seed gains, mean, 95% CI (points)
     "Per-seed gains over the hard-label student of the same seed, with mean and 95% t confidence interval, in points."
-    from scipy import stats
     key = f"{check_choice(split, 'split', ('test', 'valid'))}_gain"
     groups = {}
     for r in runs:
         if r["method"] not in ("teacher", "hard"): groups.setdefault((r["dataset"], r["method"]), {})[r["seed"]] = 100 * r[key]
     out = []
     for (d, m), g in groups.items():
-        v = [g[s] for s in sorted(g)]
-        n, mu = len(v), sum(v) / len(v)
-        half = float(stats.t.ppf(0.975, n - 1)) * math.sqrt(sum((x - mu) ** 2 for x in v) / (n - 1) / n) if n > 1 else float("nan")
+        mu, half = mean_ci([g[s] for s in sorted(g)])
         row = dict(dataset=d, method=m, **{f"seed {s}": round(g[s], 2) for s in sorted(g)})
         row.update({f"{split} gain": round(mu, 2), "95% CI": f"[{mu - half:+.2f}, {mu + half:+.2f}]", "ci_low": mu - half, "ci_high": mu + half})
         out.append(row)
@@ -119,17 +128,18 @@ def _train_teacher(d:str, fast:bool)->tuple:
 
 # %% ../../nbs/11a_kd_losses_experiments.ipynb #ba044f3e
 def _run_group(d:str, seed:int, methods:list, fast:bool, teacher_state:dict)->list:
-    "Train one student per method for dataset `d` and `seed` ('hard' first: born-again needs it); return the run rows."
+    "Train one student per method (a name, or a (label, recipe dict) pair) for dataset `d` and `seed` ('hard' first); return the rows."
     cfg, runs, self_teacher = LOSS_BENCH[d], [], None
     with num_threads(1):
         dls = _bench_loaders(d, cfg["batch_size"], seed, fast)
         teacher = CNN(dls.input_shape, dls.n_classes, channels=cfg["teacher"]); teacher.load_state_dict(teacher_state); teacher.eval()
         for m in methods:
+            label, recipe = (m, LOSS_METHODS[m]) if isinstance(m, str) else m
             set_seed(seed); student = CNN(dls.input_shape, dls.n_classes, channels=cfg["student"])
-            cbs = method_callbacks(m, student, teacher, dls.input_shape, dls.n_classes, self_teacher, seed)
+            cbs = method_callbacks(m if isinstance(m, str) else recipe, student, teacher, dls.input_shape, dls.n_classes, self_teacher, seed)
             res = _fit_eval(student, dls, 1 if fast else cfg["epochs"], cfg["lr"], cbs)
             if m == "hard": self_teacher = copy.deepcopy(student)
-            runs.append(dict(dataset=d, method=m, family=LOSS_METHODS[m]["family"], seed=seed, **res))
+            runs.append(dict(dataset=d, method=label, family=recipe["family"], seed=seed, **res))
     return runs
 
 # %% ../../nbs/11a_kd_losses_experiments.ipynb #a292393b
@@ -198,6 +208,130 @@ def paired_gain_table(res:ExperimentResult, # a result of the "losses" experimen
                      )->str:
     "Markdown table of the per-seed paired gains (points) with their mean and 95% confidence interval."
     rows = paired_gains(res.runs, split)
+    cols = [c for c in rows[0] if c not in ("ci_low", "ci_high")] if rows else []
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(f"{r[c]:+.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in rows])
+
+# %% ../../nbs/11a_kd_losses_experiments.ipynb #a76eed8e
+def dkd_recipe(beta:float, # weight of DKD's non-target term (NCKD)
+               warmup:int|None=None, # epochs of linear warm-up of the DKD term (None: none)
+              )->dict:
+    "The `dkd` recipe of `LOSS_METHODS` with another `beta` and, optionally, a warm-up of its DKD term."
+    base = LOSS_METHODS["dkd"]
+    beta = check_number(beta, "beta", lo=0)
+    out = dict(base, losses={**base["losses"], "dkd": {**base["losses"]["dkd"], "beta": float(beta)}},
+               note=f"DKD alpha=1, beta={beta:g}, T=4" + (f", warm-up {warmup} epochs" if warmup else ", no warm-up"))
+    if warmup: out["warmup"] = {"dkd": warmup}
+    return out
+
+# %% ../../nbs/11a_kd_losses_experiments.ipynb #c2757e87
+def paired_vs(runs:list, # run rows with dataset, method, seed and `<split>_accuracy`
+              ref:str, # the method every other one is compared with, seed by seed
+              split:str="test", # 'test' or 'valid'
+             )->list: # one row per (dataset, method != ref): per-seed differences, mean, 95% CI (points)
+    "Per-seed accuracy differences against method `ref` of the same dataset and seed, with mean and 95% CI, in points."
+    key = f"{check_choice(split, 'split', ('test', 'valid'))}_accuracy"
+    base = {(r["dataset"], r["seed"]): r[key] for r in runs if r["method"] == ref}
+    groups = {}
+    for r in runs:
+        if r["method"] not in (ref, "teacher") and (r["dataset"], r["seed"]) in base:
+            groups.setdefault((r["dataset"], r["method"]), {})[r["seed"]] = 100 * (r[key] - base[(r["dataset"], r["seed"])])
+    out = []
+    for (d, m), g in groups.items():
+        mu, half = mean_ci([g[s] for s in sorted(g)])
+        out.append(dict(dataset=d, method=m, vs=ref, **{f"seed {s}": round(g[s], 2) for s in sorted(g)},
+                        gain=round(mu, 2), ci=f"[{mu - half:+.2f}, {mu + half:+.2f}]", ci_low=mu - half, ci_high=mu + half))
+    return out
+
+# %% ../../nbs/11a_kd_losses_experiments.ipynb #fb7329ba
+def plot_dkd_beta(table:list, # summary rows of the "dkd-beta" experiment (one dataset)
+                  betas:list, # the beta values tried, in order
+                  chosen:float, # the beta chosen on validation (with warm-up)
+                  title:str="", # panel title
+                 ):
+    "Mean accuracy vs beta of DKD with and without warm-up (validation dashed, test solid); KD and hard labels as lines."
+    from matplotlib.figure import Figure
+    rows = {r["method"]: r for r in table}
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained"); ax = fig.subplots()
+    for split, ls in (("valid", "--"), ("test", "-")):
+        ax.plot(betas, [100 * rows[_warm_label(b)][f"{split}_accuracy_mean"] for b in betas], ls, marker="o", color="C3",
+                label=f"DKD + warm-up ({split})")
+        cold = [(b, rows[_cold_label(b)]) for b in betas if _cold_label(b) in rows]
+        if cold:
+            ax.plot([b for b, _ in cold], [100 * r[f"{split}_accuracy_mean"] for _, r in cold], ls, marker="s", color="C1",
+                    label=f"DKD, no warm-up ({split}; beta 8: stock)")
+        for m, c, name in (("kd", "C0", "KD"), ("hard", "0.4", "hard labels")):
+            if m in rows: ax.axhline(100 * rows[m][f"{split}_accuracy_mean"], ls=ls, color=c, lw=1, label=f"{name} ({split})")
+    ax.axvline(chosen, color="k", ls=":", lw=1)
+    ax.set_xscale("log", base=2); ax.set_xticks(betas, [f"{b:g}" for b in betas])
+    ax.set_xlabel("beta (weight of the non-target term NCKD)"); ax.set_ylabel("accuracy (%), mean over seeds")
+    ax.set_title(title or "DKD: beta chosen on validation (dotted)", fontsize=10)
+    ax.grid(alpha=0.3); ax.legend(fontsize=7, ncol=2, loc="lower left")
+    return fig
+
+# %% ../../nbs/11a_kd_losses_experiments.ipynb #5ea25667
+def _warm_label(beta:float)->str: return f"dkd+warmup b={beta:g}"
+def _cold_label(beta:float)->str: return "dkd" if beta == 8 else f"dkd b={beta:g}"   # beta 8 without warm-up is the stock recipe
+
+# %% ../../nbs/11a_kd_losses_experiments.ipynb #456b6378
+@register_experiment("dkd-beta", "DKD with its warm-up and beta chosen on validation, against KD and hard labels (MNIST-1D, digits)")
+def dkd_beta(seeds:Iterable[int]=(0, 1, 2, 3, 4), # student seeds (the teacher always uses seed 0)
+             fast:bool=False, # 512 training samples, 2 teacher epochs and 1 student epoch: a smoke test
+             progress:bool=True, # one line (or a bar) per piece of work
+             datasets:Iterable[str]=("mnist1d",), # names from `LOSS_BENCH`
+             betas:Iterable[float]=(0.5, 1, 2, 4, 8), # beta values tried with the warm-up
+             warmup_epochs:int|None=None, # warm-up length (None: a quarter of the student's epochs, rounded, at least 1)
+             ablation:bool=True, # also every beta without warm-up, to separate the two changes
+             workers:int=1, # processes (one thread each); the results do not depend on it
+            )->ExperimentResult:
+    "Hard labels, KD, stock DKD and DKD with warm-up per beta (and without, if `ablation`) over `seeds`; beta chosen on validation."
+    datasets, seeds = [check_choice(d, "dataset", LOSS_BENCH) for d in datasets], [int(s) for s in seeds]
+    betas = [float(check_number(b, "beta", lo=0, lo_open=True)) for b in betas]
+    if not betas: raise ConfigError("betas must hold at least one value, got none")
+    workers = int(check_number(workers, "workers", lo=1, integer=True))
+    warm = {d: warmup_epochs if warmup_epochs is not None else max(1, round((1 if fast else LOSS_BENCH[d]["epochs"]) / 4)) for d in datasets}
+    for d in datasets: check_number(warm[d], "warmup_epochs", lo=1, integer=True)
+    cold = [(_cold_label(b), dkd_recipe(b)) for b in betas if b != 8] if ablation else []
+    methods = {d: ["hard", "kd", "dkd"] + [(_warm_label(b), dkd_recipe(b, warm[d])) for b in betas] + cold for d in datasets}
+    teachers = dict(zip(datasets, _map(_train_teacher, [(d, fast) for d in datasets], workers, "teachers", progress)))
+    groups = _map(_run_group, [(d, s, methods[d], fast, teachers[d][0]) for d in datasets for s in seeds], workers, "dkd-beta", progress)
+    runs = [teachers[d][1] for d in datasets] + [r for g in groups for r in g]
+    return _dkd_result(runs, datasets, betas, warm)
+
+# %% ../../nbs/11a_kd_losses_experiments.ipynb #ae13d118
+def _dkd_result(runs:list, datasets:list, betas:list, warm:dict)->ExperimentResult:
+    "Summary table, headline (beta chosen on validation, its paired test gains vs hard labels and KD) and figures of `dkd-beta`."
+    metrics = ["valid_accuracy", "test_accuracy", "sec_per_epoch"]
+    table = summarize(runs, ["dataset", "method"], metrics, percent=metrics[:2])
+    summary, figures = {}, {}
+    for d in datasets:
+        rows = {r["method"]: r for r in table if r["dataset"] == d}
+        gains = {ref: {p["method"]: p for p in paired_vs([r for r in runs if r["dataset"] == d], ref, "test")} for ref in ("hard", "kd")}
+        picks = {"chosen": _warm_label(max(betas, key=lambda b: rows[_warm_label(b)]["valid_accuracy_mean"])), "stock_dkd": "dkd"}
+        cold = [b for b in betas if _cold_label(b) in rows]
+        if len(cold) > 1: picks["no_warmup_chosen"] = _cold_label(max(cold, key=lambda b: rows[_cold_label(b)]["valid_accuracy_mean"]))
+        chosen = float(picks["chosen"].split("b=")[1])
+        summary[f"{d}_chosen_beta"] = chosen
+        for name, m in picks.items():
+            r = rows[m]
+            summary[f"{d}_{name}"] = f"{m}: valid {100 * r['valid_accuracy_mean']:.2f}%, test {100 * r['test_accuracy_mean']:.2f}%"
+            for ref in ("hard", "kd"):
+                summary[f"{d}_{name}_vs_{ref}"] = f"{gains[ref][m]['gain']:+.2f} points, 95% CI {gains[ref][m]['ci']}"
+        figures[f"dkd_beta_{d}"] = plot_dkd_beta([r for r in table if r["dataset"] == d], betas, chosen,
+                                                 f"{d}: DKD with a {warm[d]}-epoch warm-up; beta chosen on validation (dotted)")
+    notes = ("chosen: the warm-up variant with the best mean validation accuracy (no_warmup_chosen: the same among the variants "
+             "without warm-up); *_vs_hard / *_vs_kd: mean paired test gain over the hard-label / KD student of the same seed, "
+             "points, with the 95% t interval. stock_dkd: alpha=1, beta=8, T=4, no warm-up (the benchmark's recipe).")
+    return ExperimentResult("dkd-beta", runs, table, summary, columns=["dataset", "method", "n", *metrics],
+                            config=dict(setup={d: LOSS_BENCH[d] for d in datasets}, betas=betas, warmup_epochs=warm),
+                            figures=figures, notes=notes)
+
+# %% ../../nbs/11a_kd_losses_experiments.ipynb #26609bb5
+def dkd_gain_table(res:ExperimentResult, # a result of the "dkd-beta" experiment
+                   split:str="test", # 'test' or 'valid'
+                  )->str:
+    "Markdown table of per-seed paired gains (points) of every variant over the hard-label and the KD student, mean and 95% CI."
+    rows = paired_vs(res.runs, "hard", split) + [r for r in paired_vs(res.runs, "kd", split) if r["method"] != "hard"]
     cols = [c for c in rows[0] if c not in ("ci_low", "ci_high")] if rows else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     return "\n".join(lines + ["| " + " | ".join(f"{r[c]:+.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in rows])
