@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Iterable
 
@@ -15,7 +14,7 @@ from torch import nn
 
 from ..core import ConfigError, check_choice, check_number, num_threads, set_seed
 from ..data import from_datasets, get_loaders
-from ..experiment import ExperimentResult, register_experiment, summarize, track
+from ..experiment import ExperimentResult, paired_diff, register_experiment, summarize, track
 from ..learner import Callback, Learner, SchedulerCB
 from ..losses import LOSS_METHODS, method_callbacks
 from ..models import CNN
@@ -60,12 +59,11 @@ def _fit_eval(model:nn.Module, dls, epochs:int, lr:float, cbs:list=())->dict:
 def mean_ci(values:list, # paired differences, one per seed
             level:float=0.95, # confidence level
            )->tuple: # (mean, half-width); the half-width is nan for a single value
-    "Mean and half-width of the Student-t confidence interval of the mean: t_{(1+level)/2, n-1} s / sqrt(n)."
-    from scipy import stats
+    "Mean and half-width of the Student-t confidence interval of the mean (`paired_diff` of the values against 0)."
     v = [float(x) for x in values]
-    n, mu = len(v), sum(v) / len(v)
-    if n < 2: return mu, float("nan")
-    return mu, float(stats.t.ppf((1 + level) / 2, n - 1)) * math.sqrt(sum((x - mu) ** 2 for x in v) / (n - 1) / n)
+    if len(v) < 2: return sum(v) / len(v), float("nan")
+    d = paired_diff(v, [0.0] * len(v), level)
+    return d["mean"], d["hi"] - d["mean"]
 
 # %% ../../nbs/11a_kd_losses_experiments.ipynb #8a97cb5f
 def paired_gains(runs:list, # rows of the "losses" experiment (dataset, method, seed, *_gain)
@@ -202,15 +200,19 @@ def _losses_result(runs:list, datasets:list, methods:list)->ExperimentResult:
                             config=dict(setup={d: LOSS_BENCH[d] for d in datasets}, method_list=methods),
                             figures={"losses": plot_losses_benchmark(paired, table)} if paired else {}, notes=notes)
 
+# %% ../../nbs/11a_kd_losses_experiments.ipynb #5bdca6e7
+def _gain_markdown(rows:list)->str:
+    "Markdown table of rows from `paired_gains` or `paired_vs` (signed numbers with two decimals; ci_low/ci_high left out)."
+    cols = [c for c in rows[0] if c not in ("ci_low", "ci_high")] if rows else []
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(f"{r[c]:+.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in rows])
+
 # %% ../../nbs/11a_kd_losses_experiments.ipynb #e6c2931a
 def paired_gain_table(res:ExperimentResult, # a result of the "losses" experiment
                       split:str="test", # 'test' or 'valid'
                      )->str:
     "Markdown table of the per-seed paired gains (points) with their mean and 95% confidence interval."
-    rows = paired_gains(res.runs, split)
-    cols = [c for c in rows[0] if c not in ("ci_low", "ci_high")] if rows else []
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(f"{r[c]:+.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in rows])
+    return _gain_markdown(paired_gains(res.runs, split))
 
 # %% ../../nbs/11a_kd_losses_experiments.ipynb #a76eed8e
 def dkd_recipe(beta:float, # weight of DKD's non-target term (NCKD)
@@ -331,7 +333,4 @@ def dkd_gain_table(res:ExperimentResult, # a result of the "dkd-beta" experiment
                    split:str="test", # 'test' or 'valid'
                   )->str:
     "Markdown table of per-seed paired gains (points) of every variant over the hard-label and the KD student, mean and 95% CI."
-    rows = paired_vs(res.runs, "hard", split) + [r for r in paired_vs(res.runs, "kd", split) if r["method"] != "hard"]
-    cols = [c for c in rows[0] if c not in ("ci_low", "ci_high")] if rows else []
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(f"{r[c]:+.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in rows])
+    return _gain_markdown(paired_vs(res.runs, "hard", split) + [r for r in paired_vs(res.runs, "kd", split) if r["method"] != "hard"])
